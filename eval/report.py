@@ -20,10 +20,9 @@ LABELS = {"reference": "reference (4-bit base + adapter, unmerged)", "merged": "
 
 
 def _stages(run_dir: Path) -> dict:
-    out = {}
-    for f in sorted((run_dir / "stages").glob("*.json")):
-        out[f.stem] = json.loads(f.read_text())
-    return out
+    from pipeline.run import STAGES
+    files = {f.stem: f for f in (run_dir / "stages").glob("*.json")}
+    return {s: json.loads(files[s].read_text()) for s in sorted(files, key=lambda s: (STAGES + [s]).index(s))}
 
 
 def build(cfg, results: dict) -> dict:
@@ -57,6 +56,8 @@ def build(cfg, results: dict) -> dict:
 
 
 def _fmt_size(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 

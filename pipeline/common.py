@@ -21,6 +21,11 @@ for _name in ("bitsandbytes", "torchao", "torch.utils._pytree"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
 warnings.filterwarnings("ignore", message=".*register_constant.*")
+try:  # GPTQModel's banner and INFO tables (it is imported by peft whenever installed)
+    from logbar import LogBar
+    LogBar.shared().setLevel(logging.WARNING)
+except ImportError:  # pragma: no cover
+    pass
 
 import torch  # noqa: E402
 

@@ -94,6 +94,6 @@ def run(cfg) -> Path:
         finally:
             for s in stores.values():
                 s.close()
-        out = report.write(cfg, results)
-        rec.update(artefact=str(out), variants=list(results), datasets=[d.name for d in e.datasets], tasks=e.tasks)
-    return out
+        rec.update(artefact=str(cfg.run_dir / "report.json"), variants=list(results),
+                   datasets=[d.name for d in e.datasets], tasks=e.tasks)
+    return report.write(cfg, results)  # after the stage record is written, so the report holds it
