@@ -14,8 +14,9 @@ from pathlib import Path
 
 from pipeline.common import write_json
 
-ORDER = ["reference", "merged", "gptq", "base"]
-LABELS = {"reference": "reference (4-bit base + adapter, unmerged)", "merged": "merged (dequantized + adapter)",
+ORDER = ["reference", "merged", "merged-dequantized", "merged-original", "gptq", "base"]
+LABELS = {"reference": "reference (4-bit base + adapter, unmerged)", "merged": "merged (published)",
+          "merged-dequantized": "merged onto dequantized weights", "merged-original": "merged onto original weights",
           "gptq": "GPTQ (reloaded)", "base": "base without adapter"}
 
 
@@ -33,13 +34,12 @@ def build(cfg, results: dict) -> dict:
     ver = stages.get("verify", {})
     variants = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_") and kk != "per_item"}
                 for k, v in results.items()}
-    train_rec = Path(cfg.adapter.path) / "train_record.json"
+    train_rec = Path(cfg.adapter.paths[0]) / "train_record.json"
     doc = {
         "run_name": cfg.output.run_name,
         "variants": variants,
-        "verification": {"passed": ver.get("passed"), "kl_divergence": ver.get("kl_divergence"),
-                         "kl_max": ver.get("kl_max"), "top1_agreement": ver.get("top1_agreement"),
-                         "max_kl": ver.get("max_kl"), "problems": ver.get("problems")},
+        "verification": {k: ver.get(k) for k in ("passed", "kl_divergence", "kl_max", "top1_agreement", "max_kl",
+                                                  "problems", "merge_base", "merge_base_reason", "candidates")},
         "stages": stages,
         "protocol": {"perplexity": f"non-overlapping windows of {cfg.eval.seq_len} tokens (stride {cfg.eval.seq_len}), "
                                    f"{cfg.eval.seq_len - 1} predicted tokens counted per window, exp(mean NLL)",
@@ -72,6 +72,14 @@ def markdown(doc: dict) -> str:
     if ver.get("passed") is not None:
         lines += [f"Merge verification: **{'passed' if ver['passed'] else 'FAILED'}** "
                   f"(KL(reference || merged) {ver['kl_divergence']:.3g} nats/token, bound {ver['max_kl']:g}).", ""]
+    if ver.get("merge_base"):
+        lines += [f"Merge base: **{ver['merge_base']}** ({ver['merge_base_reason']}).", ""]
+        cands = ver.get("candidates") or {}
+        if cands:
+            lines += ["| merge base | exact (KL to its unmerged model) | KL to reference | perplexity (verify text) | passed |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {b} | {c['exact_kl']:.3g} | {c['kl_divergence']:.4g} | {c['perplexity']:.4f} | {c['passed']} |"
+                      for b, c in cands.items()] + [""]
     ref = v.get("reference", {})
     for ds in datasets:
         head = "| variant | size | perplexity | Δ vs reference | KL (nats/token) | KL p99 | top-1 agreement |"
@@ -113,8 +121,9 @@ def plot(doc: dict, results: dict, path: Path) -> None:
     v = doc["variants"]
     ds = next(iter(next(iter(v.values()))["perplexity"]))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    color = {n: f"C{i}" for i, n in enumerate(v)}  # one colour per variant in both panels
     for n, r in v.items():
-        a.scatter(r["size_bytes"] / 2**20, r["perplexity"][ds], s=60)
+        a.scatter(r["size_bytes"] / 2**20, r["perplexity"][ds], s=60, color=color[n])
         a.annotate(n, (r["size_bytes"] / 2**20, r["perplexity"][ds]), textcoords="offset points", xytext=(6, 4))
     a.set_xlabel("size (MiB)")
     a.set_ylabel(f"perplexity on {ds}")
@@ -123,8 +132,8 @@ def plot(doc: dict, results: dict, path: Path) -> None:
     for n, r in results.items():
         k = r.get("_kl_samples", {}).get(ds)
         if k is not None and len(k):
-            b.hist(np.log10(np.maximum(k, 1e-12)), bins=60, histtype="step", label=n, linewidth=1.5)
-    b.set_xlabel("log10 KL(reference || variant) per token (nats)")
+            b.hist(np.log10(np.maximum(k, 1e-12)), bins=60, histtype="step", label=n, linewidth=1.5, color=color[n])
+    b.set_xlabel("log10 KL(reference || variant) per token (nats; < 1e-12 shown at -12)")
     b.set_ylabel("tokens")
     b.set_title(f"KL distribution on {ds}")
     b.legend()

@@ -20,6 +20,7 @@ for _name in ("bitsandbytes", "torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
 warnings.filterwarnings("ignore", message=".*register_constant.*")
 try:  # GPTQModel's banner and INFO tables (it is imported by peft whenever installed)
     from logbar import LogBar

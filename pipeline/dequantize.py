@@ -103,19 +103,50 @@ def check_not_repacked(model) -> None:
                              "(pipeline.dequantize.load_4bit_base keeps the repacking off).")
 
 
+def _conv1d_names(model) -> set[str]:
+    """Modules that are ``transformers.pytorch_utils.Conv1D`` (GPT-2 style) in the architecture.
+
+    bitsandbytes replaces them by ``Linear4bit`` (weight transposed to [out, in]); read the
+    original types off a meta-device copy of the architecture."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    return {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
+
+
+def _restore_conv1d(model, names: set[str]) -> None:
+    """Turn the dequantized ``nn.Linear`` of each former ``Conv1D`` back into a ``Conv1D``
+    (weight [in, out]), so the checkpoint keeps the architecture's layout and reloads."""
+    from transformers.pytorch_utils import Conv1D
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        lin = model.get_submodule(name)
+        if isinstance(lin, Conv1D):
+            continue
+        conv = Conv1D(lin.out_features, lin.in_features).to(device=lin.weight.device, dtype=lin.weight.dtype)
+        conv.weight = torch.nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
+        if lin.bias is not None:
+            conv.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        setattr(model.get_submodule(parent) if parent else model, child, conv)
+
+
 def dequantize_model(model, dtype: torch.dtype):
     """Replace every ``bnb.nn.Linear4bit`` of ``model`` by an ``nn.Linear`` holding
     ``dequantize_4bit(weight, quant_state)`` cast to ``dtype``, and cast the rest of the
     model to ``dtype``. Drops ``config.quantization_config``. In place; returns the model.
 
     Uses ``transformers``' ``PreTrainedModel.dequantize`` (which calls
-    ``bitsandbytes.functional.dequantize_4bit`` per layer) after :func:`check_not_repacked`.
+    ``bitsandbytes.functional.dequantize_4bit`` per layer) after :func:`check_not_repacked`;
+    GPT-2 style ``Conv1D`` layers are restored as ``Conv1D`` (weight [in, out]).
 
     Raises:
         InputError: a layer's weight was repacked for bnb's CPU kernel.
     """
     check_not_repacked(model)
+    conv1d = _conv1d_names(model)
     model = model.dequantize(dtype=dtype)
+    _restore_conv1d(model, conv1d)
     model.to(dtype)
     for attr in ("quantization_config",):
         if hasattr(model.config, attr):
@@ -128,11 +159,13 @@ def run(cfg) -> Path:
     """Stage entry: load the 4-bit base, dequantize it, save ``<run_dir>/dequantized``.
 
     Returns:
-        Path of the dequantized checkpoint (safetensors, ``cfg.dequantize.dtype``).
+        Path of the dequantized checkpoint (safetensors, ``cfg.out_dtype``).
     """
     from transformers import AutoTokenizer
     out = cfg.run_dir / "dequantized"
+    from pipeline.adapter_checks import check_adapter
     with stage_record(cfg.run_dir, "dequantize") as rec:
+        check_adapter(cfg)  # refuse an unmergeable pair before hours of work
         device = pick_device(cfg.dequantize.device)
         log(f"dequantize: loading base '{cfg.base.path}' in 4-bit on {device}")
         model = load_4bit_base(cfg, device)
@@ -140,13 +173,13 @@ def run(cfg) -> Path:
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         if n4 == 0:
             raise InputError(f"base '{cfg.base.path}' has no linear layer bitsandbytes can quantize.")
-        log(f"dequantize: {n4} Linear4bit layers -> nn.Linear {cfg.dequantize.dtype}")
-        model = dequantize_model(model, DTYPES[cfg.dequantize.dtype]).to("cpu")
+        log(f"dequantize: {n4} Linear4bit layers -> nn.Linear {cfg.out_dtype}")
+        model = dequantize_model(model, DTYPES[cfg.out_dtype]).to("cpu")
         tok = AutoTokenizer.from_pretrained(cfg.base.path, trust_remote_code=cfg.base.trust_remote_code)
         with publish_dir(out) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         rec.update(artefact=str(out), linear4bit_layers=n4, device=device,
-                   dtype=cfg.dequantize.dtype, quant_type=cfg.dequantize.quant_type,
+                   dtype=cfg.out_dtype, quant_type=cfg.dequantize.quant_type,
                    double_quant=cfg.dequantize.double_quant, compute_dtype=cfg.dequantize.compute_dtype)
     return out

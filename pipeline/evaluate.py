@@ -26,14 +26,17 @@ def _load_variant(cfg, name: str, device: str):
     rd = cfg.run_dir
     if name == "reference":
         from pipeline.verify import reference_model
-        from pipeline.merge import adapter_file
+        from pipeline.merge import adapter_file, effective_adapter
         model = reference_model(cfg)
-        size = model.get_memory_footprint() - _lora_bytes(model) + adapter_file(cfg.adapter.path).stat().st_size
-        return model, AutoTokenizer.from_pretrained(rd / "merged"), f"{cfg.base.path} (4-bit) + {cfg.adapter.path}", size
-    path = {"merged": rd / "merged", "gptq": rd / "gptq", "base": rd / "dequantized"}[name]
+        adapter = effective_adapter(cfg)
+        f = adapter_file(adapter)
+        f = f if f.is_file() else f.with_name("adapter_model.bin")
+        size = model.get_memory_footprint() - _lora_bytes(model) + f.stat().st_size
+        return model, AutoTokenizer.from_pretrained(rd / "merged"), f"{cfg.base.path} (4-bit) + {adapter}", size
+    path = rd / {"merged": "merged", "gptq": "gptq", "base": "dequantized"}.get(name, name)
     if not path.is_dir():
         return None
-    dtype = compute_dtype_for(cfg.dequantize.dtype, device) if name != "gptq" else None
+    dtype = compute_dtype_for(cfg.out_dtype, device) if name != "gptq" else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map={"": device}).eval()
     return model, AutoTokenizer.from_pretrained(path), str(path), dir_size_bytes(path)
 
@@ -52,6 +55,9 @@ def run(cfg) -> Path:
     e = cfg.eval
     device = pick_device(cfg.dequantize.device)
     variants = ["reference"] + [v for v in e.variants if v != "reference"]
+    if "merged" in variants:  # the other merge base, when the verify stage published it
+        variants[variants.index("merged") + 1:variants.index("merged") + 1] = [
+            f"merged-{b}" for b in ("dequantized", "original") if (cfg.run_dir / f"merged-{b}").is_dir()]
     with stage_record(cfg.run_dir, "evaluate") as rec:
         results: dict = {}
         stores: dict = {}

@@ -1,15 +1,19 @@
-"""Stage 2, merge: fold the LoRA adapter into the dequantized base weights.
+"""Stage 2, merge: fold the LoRA adapter into the base weights.
 
-For each adapted linear, ``W' = W_deq + scaling * B @ A`` with PEFT's scaling rules
-(``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA; per-module ``rank_pattern``
-/ ``alpha_pattern``; DoRA's magnitude renormalisation), computed by PEFT itself
-(``peft/tuners/lora/layer.py``, ``LoraLayer.get_delta_weight``) through
-``merge_and_unload()`` on the *dequantized* model, in float32, then cast once to the
-output dtype. (``merge_and_unload()`` on the 4-bit model would re-quantize to NF4 and
-round most of the adapter away.)
+For each adapted linear, ``W' = W + scaling * B @ A`` with PEFT's own rules (``lora_alpha / r``,
+``lora_alpha / sqrt(r)`` with rsLoRA, per-module ``rank_pattern`` / ``alpha_pattern``, DoRA's
+magnitude renormalisation, ``modules_to_save`` copies, LoRA on embeddings), computed by PEFT
+itself (``peft/tuners/lora/layer.py``: ``get_delta_weight``, ``merge``) through
+``merge_and_unload()`` in float32, then cast once to the output dtype. Never on the 4-bit
+model: there PEFT re-quantizes to NF4 and rounds most of the adapter away.
 
-The merged checkpoint is written to ``<run_dir>/merged.unverified``; the verify stage
-publishes it as ``<run_dir>/merged`` only if it passes.
+Merge bases (``merge.base``): ``dequantized`` (the weights the adapter was trained against)
+and ``original`` (the full-precision checkpoint). Each candidate is written to
+``<run_dir>/merged-<base>.unverified``; the verify stage checks and publishes them.
+
+Before the adapter is applied, the base is made to match it: a vocabulary resized during
+training is resized here too, and tied input/output embeddings are untied when the adapter
+changes either (re-tied after the merge if both still hold the same matrix).
 """
 from __future__ import annotations
 
@@ -21,33 +25,6 @@ from pipeline.errors import InputError
 
 import torch  # noqa: E402
 
-MERGEABLE_PEFT_TYPES = {"LORA"}
-
-
-def read_adapter_config(path: str) -> dict:
-    """``adapter_config.json`` of a local adapter folder, checked for a mergeable PEFT type.
-
-    Raises:
-        InputError: missing file, unsupported ``peft_type``, or missing weights.
-    """
-    p = Path(path)
-    if not p.exists():  # hub id: PEFT resolves it
-        return {}
-    f = p / "adapter_config.json"
-    if not f.is_file():
-        raise InputError(f"adapter '{path}' has no adapter_config.json; is it a PEFT adapter folder?")
-    try:
-        acfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{f} is not valid JSON: {e}") from None
-    if acfg.get("peft_type") not in MERGEABLE_PEFT_TYPES:
-        raise InputError(f"adapter '{path}' is of PEFT type '{acfg.get('peft_type')}'; only LoRA (incl. rsLoRA, DoRA) "
-                         "adapters can be merged into the weights.")
-    if not (p / "adapter_model.safetensors").is_file():
-        raise InputError(f"adapter '{path}' has no adapter_model.safetensors (a pickle adapter_model.bin is refused "
-                         "unless adapter.allow_pickle is true).")
-    return acfg
-
 
 def adapter_file(adapter: str) -> Path:
     """Local path of ``adapter_model.safetensors`` (downloaded or from the HF cache for a hub id)."""
@@ -58,59 +35,192 @@ def adapter_file(adapter: str) -> Path:
     return Path(hf_hub_download(adapter, "adapter_model.safetensors"))
 
 
+def adapter_shapes(adapter: str) -> dict[str, tuple]:
+    """Tensor name (``base_model.model.`` stripped) -> shape, from the safetensors header only
+    (or, for a pickle ``adapter_model.bin`` the user allowed, from a ``weights_only`` load)."""
+    from safetensors import safe_open
+    f = adapter_file(adapter)
+    if not f.is_file() and f.with_name("adapter_model.bin").is_file():
+        sd = torch.load(f.with_name("adapter_model.bin"), map_location="cpu", weights_only=True)
+        return {k.removeprefix("base_model.model."): tuple(v.shape) for k, v in sd.items()}
+    with safe_open(f, "pt") as h:
+        return {k.removeprefix("base_model.model."): tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+
+
 def adapted_modules(adapter: str) -> list[str]:
     """Names of the base modules a LoRA adapter changes (e.g. ``model.layers.0.self_attn.q_proj``),
-    read from the tensor names of ``adapter_model.safetensors`` without loading them."""
-    from safetensors import safe_open
-    with safe_open(adapter_file(adapter), "pt") as h:
-        keys = list(h.keys())
-    names = {k.split(".lora_A")[0] for k in keys if ".lora_A" in k}
-    return sorted(n.removeprefix("base_model.model.") for n in names)
+    LoRA-adapted or replaced by a ``modules_to_save`` copy."""
+    names = set()
+    for k in adapter_shapes(adapter):
+        for tag in (".lora_A", ".lora_embedding_A", ".modules_to_save"):
+            if tag in k:
+                names.add(k.split(tag)[0])
+    return sorted(names)
 
 
-def load_merged_in_memory(model_dir: Path, adapter: str, dtype: torch.dtype):
-    """Load ``model_dir`` in float32, apply the adapter, ``merge_and_unload()``, cast to ``dtype``.
+def effective_adapter(cfg) -> str:
+    """The adapter the run merges: ``adapter.path``, or the combined adapter the merge stage
+    wrote to ``<run_dir>/adapter-combined`` when ``adapter.combine`` is set."""
+    return cfg.adapter.path or str(cfg.run_dir / "adapter-combined")
+
+
+def _module_name(model, module) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
+def match_base_to_adapter(model, adapter: str) -> dict:
+    """Resize the vocabulary to the adapter's and untie embeddings the adapter changes. In place.
 
     Returns:
-        The merged ``transformers`` model (plain modules, no PEFT wrappers), in ``dtype``.
+        ``{"resized_vocab": rows or None, "untied": bool}``.
+    """
+    shapes = adapter_shapes(adapter)
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    emb_name, out_name = _module_name(model, emb), _module_name(model, out)
+    rows = None
+    for k, s in shapes.items():
+        if k.startswith(f"{emb_name}.") and k.endswith("weight") and "lora_embedding_A" not in k and len(s) == 2:
+            rows = s[0]
+        elif "lora_embedding_A" in k and k.startswith(f"{emb_name}."):
+            rows = s[1]
+    facts = {"resized_vocab": None, "untied": False}
+    if rows and rows != emb.weight.shape[0]:
+        log(f"merge: adapter vocabulary has {rows} rows, base {emb.weight.shape[0]}: resizing the base")
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        facts["resized_vocab"] = rows
+    touched = any(k.startswith((f"{emb_name}.", f"{out_name}.")) for k in shapes)
+    if out is not None and touched and out.weight is model.get_input_embeddings().weight:
+        out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+        for c in (model.config, model.config.get_text_config()):
+            c.tie_word_embeddings = False
+        facts["untied"] = True
+    return facts
+
+
+def apply_adapter(model, adapter: str):
+    """``model`` (4-bit, dequantized or original) with ``adapter`` attached unmerged, in eval mode.
+
+    Returns:
+        (``PeftModel``, facts from :func:`match_base_to_adapter`).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(model, adapter, torch_device="cpu")
-    return peft_model.merge_and_unload(progressbar=True).to(dtype)
+    facts = match_base_to_adapter(model, adapter)
+    return PeftModel.from_pretrained(model, adapter).eval(), facts
+
+
+def merge_into(model, adapter: str, dtype: torch.dtype):
+    """Merge ``adapter`` into ``model`` (float32) with PEFT and cast once to ``dtype``.
+
+    Embeddings untied for the merge are re-tied when they still hold the same matrix.
+
+    Returns:
+        (merged ``transformers`` model in ``dtype``, facts).
+    """
+    peft_model, facts = apply_adapter(model, adapter)
+    merged = peft_model.merge_and_unload(progressbar=True)
+    emb, out = merged.get_input_embeddings(), merged.get_output_embeddings()
+    if facts["untied"] and torch.equal(emb.weight, out.weight):
+        out.weight = emb.weight
+        merged.config.tie_word_embeddings = True
+        facts["untied"] = False
+    return merged.to(dtype), facts
 
 
 def check_finite(model, dtype_name: str) -> None:
     """Refuse weights with inf/NaN after the cast, naming the first bad tensor.
 
     Raises:
-        InputError: a weight holds inf or NaN (for float16: suggest bfloat16).
+        InputError: a weight holds inf or NaN (for float16: suggests bfloat16).
     """
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            hint = " float16 overflows above 65504: set dequantize.dtype to bfloat16." if dtype_name == "float16" else ""
-            raise InputError(f"merged weight '{name}' holds inf/NaN after casting to {dtype_name}.{hint}")
+            hint = (" Values above 65504 overflow float16: set dequantize.dtype: bfloat16."
+                    if dtype_name == "float16" else "")
+            raise InputError(f"merged weight '{name}' holds inf/NaN after the cast to {dtype_name}.{hint}")
 
 
-def run(cfg) -> Path:
-    """Stage entry: merge the adapter into ``<run_dir>/dequantized``; returns ``<run_dir>/merged.unverified``."""
-    from transformers import AutoTokenizer
-    dequantized, out = cfg.run_dir / "dequantized", cfg.run_dir / "merged.unverified"
-    with stage_record(cfg.run_dir, "merge") as rec:
-        acfg = read_adapter_config(cfg.adapter.path)
-        log(f"merge: adapter '{cfg.adapter.path}' (r={acfg.get('r')}, alpha={acfg.get('lora_alpha')}, "
-            f"rslora={acfg.get('use_rslora', False)}, dora={acfg.get('use_dora', False)}) into {dequantized}")
-        dtype = DTYPES[cfg.dequantize.dtype]
-        merged = load_merged_in_memory(dequantized, cfg.adapter.path, dtype)
-        adapted = adapted_modules(cfg.adapter.path)
-        check_finite(merged, cfg.dequantize.dtype)
-        tok_src = cfg.adapter.path if Path(cfg.adapter.path, "tokenizer_config.json").is_file() else dequantized
-        tok = AutoTokenizer.from_pretrained(tok_src)
-        with publish_dir(out) as tmp:
-            merged.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        rec.update(artefact=str(out), adapted_modules=len(adapted), dtype=cfg.dequantize.dtype,
-                   working_dtype="float32", adapter=cfg.adapter.path, tokenizer_from=str(tok_src),
-                   lora={k: acfg.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")})
+def combine_adapters(cfg, model) -> Path:
+    """Combine ``adapter.combine.adapters`` with PEFT's ``add_weighted_adapter`` into one LoRA
+    adapter saved at ``<run_dir>/adapter-combined`` (reference and merge both use it)."""
+    from peft import PeftModel
+    c = cfg.adapter.combine
+    names = [f"a{i}" for i in range(len(c.adapters))]
+    pm = PeftModel.from_pretrained(model, c.adapters[0].path, adapter_name=names[0])
+    for n, a in zip(names[1:], c.adapters[1:]):
+        pm.load_adapter(a.path, adapter_name=n)
+    torch.manual_seed(c.seed)  # DARE prunes at random
+    kw = {"density": c.density} if c.density is not None else {}
+    pm.add_weighted_adapter(names, [a.weight for a in c.adapters], "combined", combination_type=c.method, **kw)
+    out = cfg.run_dir / "adapter-combined"
+    with publish_dir(out) as tmp:
+        pm.save_pretrained(tmp, selected_adapters=["combined"])
+        for f in (tmp / "combined").iterdir():  # PEFT writes non-default adapters into a subfolder
+            f.rename(tmp / f.name)
+        (tmp / "combined").rmdir()
+    pm.unload()
     return out
+
+
+def original_available(cfg) -> bool:
+    """True when the base checkpoint is full precision (not a saved bnb 4-bit checkpoint)."""
+    from pipeline.dequantize import base_quantization_config
+    return base_quantization_config(cfg.base.path) is None
+
+
+def candidates(cfg) -> list[str]:
+    """Merge bases to build: the configured one, plus the other when ``compare_bases`` and possible.
+
+    Raises:
+        InputError: ``merge.base: original`` with a base saved in 4-bit.
+    """
+    want = cfg.merge.base
+    if want == "original" and not original_available(cfg):
+        raise InputError("merge.base is 'original' but the base is a saved bnb 4-bit checkpoint: the full-precision "
+                         "weights are not there. Point base.path at the full-precision checkpoint, or use 'dequantized'.")
+    if want == "dequantized" and not cfg.merge.compare_bases:
+        return ["dequantized"]
+    if want == "original" and not cfg.merge.compare_bases:
+        return ["original"]
+    return ["dequantized", "original"] if original_available(cfg) else ["dequantized"]
+
+
+def _load_fp32(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def run(cfg) -> list[Path]:
+    """Stage entry: merge the adapter into each merge base; returns the ``merged-<base>.unverified`` folders."""
+    from transformers import AutoTokenizer
+    from pipeline.adapter_checks import check_adapter
+    with stage_record(cfg.run_dir, "merge") as rec:
+        facts = check_adapter(cfg)
+        dtype_name = cfg.out_dtype
+        dequantized = cfg.run_dir / "dequantized"
+        if cfg.adapter.combine:
+            log(f"merge: combining {len(cfg.adapter.combine.adapters)} adapters ({cfg.adapter.combine.method})")
+            combine_adapters(cfg, _load_fp32(dequantized))
+        adapter = effective_adapter(cfg)
+        outs, rec["candidates"] = [], {}
+        for base in candidates(cfg):
+            src = dequantized if base == "dequantized" else cfg.base.path
+            log(f"merge: adapter '{adapter}' into the {base} weights ({src}), float32 -> {dtype_name}")
+            merged, mfacts = merge_into(_load_fp32(src), adapter, DTYPES[dtype_name])
+            check_finite(merged, dtype_name)
+            tok_src = adapter if Path(adapter, "tokenizer_config.json").is_file() else (
+                cfg.adapter.paths[0] if Path(cfg.adapter.paths[0], "tokenizer_config.json").is_file() else dequantized)
+            tok = AutoTokenizer.from_pretrained(tok_src)
+            rows = merged.get_input_embeddings().weight.shape[0]
+            if len(tok) > rows:
+                raise InputError(f"the tokenizer ({tok_src}) has {len(tok)} tokens but the merged model only {rows} "
+                                 "embedding rows; save the tokenizer used in training beside the adapter.")
+            out = cfg.run_dir / f"merged-{base}.unverified"
+            with publish_dir(out) as tmp:
+                merged.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            outs.append(out)
+            rec["candidates"][base] = {"artefact": str(out), "tokenizer_from": str(tok_src), **mfacts}
+            del merged
+        rec.update(facts)
+        rec.update(adapter=adapter, dtype=dtype_name, working_dtype="float32")
+    return outs

@@ -61,15 +61,21 @@ def _quiet_gptqmodel():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def quantize(merged_dir: Path, out_dir: Path, rq, calib: list[dict], device: str) -> None:
-    """GPTQ-quantize ``merged_dir`` into ``out_dir`` with GPTQModel (``rq``: the requantize section)."""
+def quantize(merged_dir: Path, out_dir: Path, rq, calib: list[dict], device: str, log_dir: Path) -> None:
+    """GPTQ-quantize ``merged_dir`` into ``out_dir`` with GPTQModel (``rq``: the requantize section).
+
+    GPTQModel writes its per-layer quantization log (loss per module) to ``./logs``: the
+    call runs in ``log_dir`` so that it lands in the run folder, not the user's directory.
+    """
     _quiet_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
     qcfg = QuantizeConfig(bits=rq.bits, group_size=rq.group_size, desc_act=rq.desc_act, sym=rq.sym,
                           damp_percent=rq.damp_percent,
                           act_group_aware=not rq.desc_act,  # GPTQModel turns it off under desc_act anyway
                           offload_to_disk=False)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # GPTQModel's LogBar tables
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.chdir(log_dir):
         model = GPTQModel.load(str(merged_dir), qcfg, device=device,
                                dtype=torch.float32 if device == "cpu" else torch.float16)
         model.quantize(calib, batch_size=1, backend=BACKEND.AUTO)
@@ -118,7 +124,7 @@ def run(cfg) -> Path | None:
         log(f"requantize: GPTQ {rq.bits}-bit, group size {rq.group_size}, desc_act {rq.desc_act}, "
             f"{len(calib)} x {rq.seq_len} calibration tokens from '{rq.calibration.name}' on {device}")
         with publish_dir(out) as tmp:
-            quantize(merged, tmp, rq, calib, device)
+            quantize(merged, tmp, rq, calib, device, log_dir=cfg.run_dir / "stages" / "requantize")
             nll = reload_check(tmp, calib)
         log(f"requantize: reloaded in transformers, calibration NLL {nll:.3f}")
         rec.update(artefact=str(out), bits=rq.bits, group_size=rq.group_size, desc_act=rq.desc_act, sym=rq.sym,

@@ -33,14 +33,15 @@ def make_tokenizer(vocab: int = 384):
 
 
 def make_llama(folder: Path, vocab: int = 384, hidden: int = 64, layers: int = 2, tie: bool = False,
-               dtype=torch.float32, seed: int = 0) -> Path:
+               dtype=torch.float32, seed: int = 0, bias: bool = False) -> Path:
     """Save a random tiny LlamaForCausalLM (and tokenizer) at ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     tok = make_tokenizer(vocab)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                      attention_bias=bias, mlp_bias=bias)
     model = LlamaForCausalLM(cfg).to(dtype)
     # weights larger than the default init, so the LM is not near-uniform and KL is meaningful
     with torch.no_grad():
@@ -52,21 +53,40 @@ def make_llama(folder: Path, vocab: int = 384, hidden: int = 64, layers: int = 2
     return folder
 
 
-def make_adapter(base: Path, folder: Path, seed: int = 1, **lora_kwargs) -> Path:
-    """Save a LoRA adapter with random, non-zero A and B for ``base`` at ``folder``."""
+def make_adapter(base: Path, folder: Path, seed: int = 1, resize_vocab: int | None = None, **lora_kwargs) -> Path:
+    """Save a LoRA adapter with random, non-zero weights for ``base`` at ``folder``, as if trained:
+    every trainable tensor (LoRA A/B, DoRA magnitudes, biases, modules_to_save copies) is moved.
+
+    ``resize_vocab``: resize the base's embeddings to this many rows first (and save a
+    tokenizer with the extra tokens beside the adapter), as training with added tokens does.
+    """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                     "down_proj"], init_lora_weights=False)
     kw.update(lora_kwargs)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)
+    if resize_vocab:
+        tok = AutoTokenizer.from_pretrained(base)
+        tok.add_tokens([f"<extra_{i}>" for i in range(resize_vocab - len(tok))])
+        model.resize_token_embeddings(resize_vocab, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[-8:].normal_(0, 0.15)
     pm = get_peft_model(model, LoraConfig(**kw))
-    with torch.no_grad():  # B of scale comparable to W: the adapter must visibly move the model
+    with torch.no_grad():  # of a scale comparable to W: the adapter must visibly move the model
         for n, p in pm.named_parameters():
-            if "lora_B" in n:
+            if not p.requires_grad:
+                continue
+            if "lora_B" in n or "lora_embedding_B" in n:
                 p.normal_(0, 0.05)
+            elif "lora_magnitude" in n:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+            elif "lora_A" not in n and "lora_embedding_A" not in n:  # biases, modules_to_save copies
+                p.add_(0.05 * torch.randn_like(p))
     pm.save_pretrained(folder)
+    if resize_vocab:
+        tok.save_pretrained(folder)
     return folder
 
 

@@ -24,7 +24,8 @@ def _fresh_dequantized(cfg) -> dict:
 def test_merged_weights_follow_the_lora_formula(tiny_base, tiny_adapter, tmp_path):
     cfg = tiny_config(tiny_base, tiny_adapter, tmp_path)
     dequantize.run(cfg)
-    out = merge.run(cfg)
+    out = merge.run(cfg)[0]
+    assert out.name == "merged-dequantized.unverified"
     merged = load_file(out / "model.safetensors")
     lora = load_file(tiny_adapter / "adapter_model.safetensors")
     acfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
@@ -58,15 +59,15 @@ def test_wrong_scaling_is_caught_and_nothing_published(tiny_base, tiny_adapter, 
     """Break the merge once (double the LoRA delta): verification must refuse it."""
     cfg = tiny_config(tiny_base, tiny_adapter, tmp_path)
     deq = dequantize.run(cfg)
-    out = merge.run(cfg)
+    out = merge.run(cfg)[0]
     merged, base = load_file(out / "model.safetensors"), load_file(deq / "model.safetensors")
     broken = {k: (2 * v - base[k]) if k in base and not torch.equal(v, base[k]) else v for k, v in merged.items()}
     from safetensors.torch import save_file
     save_file(broken, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(VerificationError, match="exceeds the bound"):
         verify.run(cfg)
-    assert not (cfg.run_dir / "merged").exists()
-    assert (cfg.run_dir / "merged.rejected").is_dir()
+    assert not list(cfg.run_dir.glob("merged")) and not list(cfg.run_dir.glob("merged-original"))
+    assert (cfg.run_dir / "merged-dequantized.rejected").is_dir()
     assert json.loads((cfg.run_dir / "stages" / "verify.json").read_text())["passed"] is False
 
 

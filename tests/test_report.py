@@ -1,0 +1,46 @@
+"""The whole pipeline through the CLI on a tiny model: one process per stage, and a
+report.json that holds the contract other runs are compared on."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO, tiny_config
+
+
+def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
+    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs")
+    cfile = tmp_path / "tiny.yaml"
+    cfile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(cfile)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rd = cfg.run_dir
+    rep = json.loads((rd / "report.json").read_text())
+    for v in ("reference", "merged", "gptq", "base"):
+        var = rep["variants"][v]
+        for k in ("perplexity", "kl_divergence", "top1_agreement"):
+            assert set(var[k]) == {"pydoc-heldout"}, (v, k)
+        assert set(var["accuracy"]) == {"pydoc_cloze"} and var["accuracy"]["pydoc_cloze"]["n"] == 8
+        assert var["size_bytes"] > 0 and var["path"]
+    v = rep["variants"]
+    assert v["reference"]["kl_divergence"]["pydoc-heldout"] == 0.0
+    assert v["merged"]["kl_divergence"]["pydoc-heldout"] < 1e-6
+    assert v["merged"]["top1_agreement"]["pydoc-heldout"] == 1.0
+    # the adapter moved the model, GPTQ lost something, both measured against the reference
+    assert v["base"]["kl_divergence"]["pydoc-heldout"] > 1e-2
+    assert v["gptq"]["kl_divergence"]["pydoc-heldout"] > 1e-4
+    assert abs(v["merged"]["perplexity"]["pydoc-heldout"] / v["reference"]["perplexity"]["pydoc-heldout"] - 1) < 1e-4
+    assert rep["verification"]["passed"] is True and rep["verification"]["kl_divergence"] < 1e-6
+    for s in ("dequantize", "merge", "verify", "requantize", "evaluate"):
+        assert rep["stages"][s]["seconds"] > 0 and rep["stages"][s]["peak_rss_bytes"] > 50 * 2**20, s
+        assert rep["stages"][s]["status"] == "ok"
+    assert rep["config"]["requantize"]["group_size"] == 32
+    assert rep["versions"]["peft"] and rep["versions"]["gptqmodel"]
+    md = (rd / "report.md").read_text()
+    assert "| GPTQ (reloaded) |" in md and "passed" in md
+    assert (rd / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(rd.glob(".*partial")) and not list(rd.glob("reference-logprobs-*"))
