@@ -8,7 +8,7 @@ DEMO_DIR ?= build/demo
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: qlora-merge install demo test test-fast bench clean
+.PHONY: qlora-merge install demo test test-fast bench compare clean
 
 qlora-merge: install
 	@if grep -q "$(DEMO_DIR)/" "$(CONFIG)"; then $(MAKE) --no-print-directory demo; fi
@@ -37,6 +37,10 @@ test-fast: install
 
 bench: install demo
 	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench --out runs/bench
+
+# Side-by-side table and plot of existing runs: make compare RUNS="runs/a runs/b" [OUT=runs/compare]
+compare: install
+	HF_HUB_OFFLINE=1 $(PY) -m eval.compare $(RUNS) --out $(or $(OUT),runs/compare)
 
 clean:
 	rm -rf runs build

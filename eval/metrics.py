@@ -83,16 +83,18 @@ def score(model, wins: torch.Tensor, ref: ReferenceStore | None = None, store: R
 
     Returns:
         dict with ``perplexity``, ``nll_mean`` (nats/token), ``tokens`` (counted),
+        ``nll_per_window`` (numpy float64 [n], summed NLL of each window, nats),
         and with ``ref``: ``kl_divergence`` (mean, nats/token), ``kl_median``, ``kl_p99``,
         ``kl_max``, ``top1_agreement`` (fraction), ``kl_per_token`` (numpy float64 array).
     """
     from tqdm import tqdm
-    nll_sum, count, kls, agree = 0.0, 0, [], 0
+    nll_sum, count, kls, agree, per_window = 0.0, 0, [], 0, []
     it = tqdm(range(len(wins)), desc=progress, unit="win", disable=progress is None, leave=False)
     for i in it:
         logp = window_logprobs(model, wins[i])
         tgt = wins[i, 1:]
-        nll_sum += -logp.gather(1, tgt[:, None]).double().sum().item()
+        per_window.append(-logp.gather(1, tgt[:, None]).double().sum().item())
+        nll_sum += per_window[-1]
         count += len(tgt)
         if store is not None:
             store.put(i, logp)
@@ -100,9 +102,12 @@ def score(model, wins: torch.Tensor, ref: ReferenceStore | None = None, store: R
             r = ref.get(i)
             kls.append(kl_per_token(r, logp).numpy())
             agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
-    out = {"nll_mean": nll_sum / count, "perplexity": math.exp(nll_sum / count), "tokens": count}
+    out = {"nll_mean": nll_sum / count, "perplexity": math.exp(nll_sum / count), "tokens": count,
+           "nll_per_window": np.array(per_window)}
     if ref is not None:
+        from eval.stats import kl_summary
         k = np.concatenate(kls)
-        out.update(kl_divergence=float(k.mean()), kl_median=float(np.median(k)), kl_p99=float(np.percentile(k, 99)),
-                   kl_max=float(k.max()), top1_agreement=agree / count, kl_per_token=k)
+        ks = kl_summary(k)
+        out.update(kl_divergence=ks["mean"], kl_median=ks["median"], kl_p99=ks["p99"], kl_max=ks["max"],
+                   top1_agreement=agree / count, kl_per_token=k)
     return out

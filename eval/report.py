@@ -17,7 +17,8 @@ from pipeline.common import write_json
 ORDER = ["reference", "merged", "merged-dequantized", "merged-original", "gptq", "base"]
 LABELS = {"reference": "reference (4-bit base + adapter, unmerged)", "merged": "merged (published)",
           "merged-dequantized": "merged onto dequantized weights", "merged-original": "merged onto original weights",
-          "gptq": "GPTQ (reloaded)", "base": "base without adapter"}
+          "gptq": "GPTQ (reloaded)", "base": "base without adapter", "peft_4bit_merge": "PEFT 4-bit merge_and_unload",
+          "bnb_nf4": "merged, bitsandbytes NF4", "rtn": "merged, round-to-nearest"}
 
 
 def _stages(run_dir: Path) -> dict:
@@ -32,8 +33,7 @@ def build(cfg, results: dict) -> dict:
     rd = cfg.run_dir
     stages = _stages(rd)
     ver = stages.get("verify", {})
-    variants = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_") and kk != "per_item"}
-                for k, v in results.items()}
+    variants = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in results.items()}
     train_rec = Path(cfg.adapter.paths[0]) / "train_record.json"
     doc = {
         "run_name": cfg.output.run_name,
@@ -46,7 +46,11 @@ def build(cfg, results: dict) -> dict:
                      "kl_divergence": "mean over predicted tokens of KL(P_reference || P_variant), nats/token",
                      "top1_agreement": "fraction of predicted tokens whose argmax equals the reference's",
                      "compute": "on CPU every variant but the 4-bit reference runs in float32 (weights upcast exactly)",
-                     "size_bytes": "files on disk; reference: 4-bit base in memory + adapter file"},
+                     "size_bytes": "files on disk; reference and in-memory baselines: memory footprint (+ adapter file)",
+                     "perplexity_ratio": f"variant/reference perplexity; 95% interval by paired bootstrap over windows "
+                                         f"({cfg.eval.bootstrap} resamples)",
+                     "accuracy_paired": "per task: accuracy difference to the reference over the same items, exact "
+                                        "McNemar test (significant: p < 0.05)"},
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
@@ -82,23 +86,43 @@ def markdown(doc: dict) -> str:
                       for b, c in cands.items()] + [""]
     ref = v.get("reference", {})
     for ds in datasets:
-        head = "| variant | size | perplexity | Δ vs reference | KL (nats/token) | KL p99 | top-1 agreement |"
+        head = ("| variant | size | perplexity | ratio to reference [95% CI] | KL mean | KL median | KL p99 | KL max "
+                "| top-1 agreement |")
         for t in tasks:
-            head += f" {t} acc |"
+            head += f" {t} acc (Δ, McNemar p) |"
         lines += [f"## {ds}", "", head, "|" + "---|" * (head.count("|") - 1)]
         for n in names:
             r = v[n]
-            ppl, rp = r["perplexity"].get(ds), ref.get("perplexity", {}).get(ds)
-            delta = f"{100 * (ppl / rp - 1):+.2f}%" if ppl and rp else ""
-            p99 = r.get("kl_stats", {}).get(ds, {}).get("kl_p99")
-            row = (f"| {LABELS.get(n, n)} | {_fmt_size(r['size_bytes'])} | {ppl:.3f} | {delta} | "
-                   f"{r['kl_divergence'].get(ds, 0):.4g} | {'' if p99 is None else f'{p99:.4g}'} | "
+            ppl = r["perplexity"].get(ds)
+            pr = r.get("perplexity_ratio", {}).get(ds)
+            ratio = ""
+            if pr:
+                ci = f" [{pr['ci_low']:.4f}, {pr['ci_high']:.4f}]" if pr.get("ci_low") is not None else ""
+                ratio = f"{pr['ratio']:.4f}{ci}"
+            ks = r.get("kl_stats", {}).get(ds, {})
+            kl = lambda k: "" if ks.get(k) is None else f"{ks[k]:.4g}"  # noqa: E731
+            row = (f"| {LABELS.get(n, n)} | {_fmt_size(r['size_bytes'])} | {ppl:.3f} | {ratio} | "
+                   f"{r['kl_divergence'].get(ds, 0):.4g} | {kl('kl_median')} | {kl('kl_p99')} | {kl('kl_max')} | "
                    f"{r['top1_agreement'].get(ds, 1):.4f} |")
             for t in tasks:
-                a = r.get("accuracy", {}).get(t)
-                row += f" {a['acc']:.3f} ± {a['acc_stderr']:.3f} |" if a else " |"
+                a, pa = r.get("accuracy", {}).get(t), r.get("accuracy_paired", {}).get(t)
+                cell = f" {a['acc']:.3f} ± {a['acc_stderr']:.3f}" if a else " "
+                if pa:
+                    cell += f" ({pa['delta']:+.3f}, p={pa['p_value']:.3g}{', significant' if pa['significant'] else ''})"
+                row += cell + " |"
             lines.append(row)
         lines.append("")
+    rq = doc["stages"].get("requantize", {})
+    if rq.get("budget"):
+        b = rq["budget"]
+        lim = ", ".join(x for x in (f"perplexity +{100 * b['max_perplexity_increase']:g}%" if b["max_perplexity_increase"] else "",
+                                    f"KL ≤ {b['max_kl']:g}" if b["max_kl"] else "") if x)
+        lines += ["## Quality budget", "", f"Budget: {lim} against the reference on '{b['data']}'. Settings tried from "
+                  f"the smallest checkpoint up; kept: **{b['chosen'] or 'none'}**.", "",
+                  "| setting | bits/weight | perplexity | Δ vs reference | KL | top-1 | verdict |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['bits']}-bit g{t['group_size']}{' act-order' if t['desc_act'] else ''} | {t['bits_per_weight']} | "
+                  f"{t['perplexity']:.3f} | {t['perplexity_increase']:+.2%} | {t['kl_divergence']:.4g} | "
+                  f"{t['top1_agreement']:.4f} | {'kept' if t['within_budget'] else 'rejected'} |" for t in b["tried"]] + [""]
     lines += ["## Protocol", ""] + [f"- {k}: {val}" for k, val in doc["protocol"].items()] + [""]
     if "adapter_training" in doc:
         t = doc["adapter_training"]
@@ -142,11 +166,44 @@ def plot(doc: dict, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def model_card(doc: dict) -> str:
+    """A short model-card section for the GPTQ checkpoint: what was merged, how it was quantized,
+    what it lost against the trained (unmerged) model."""
+    c, v = doc["config"], doc["variants"]
+    g = v.get("gptq", {})
+    rq = doc["stages"].get("requantize", {})
+    ver = doc["verification"]
+    adapters = c["adapter"]["path"] or ", ".join(f"{a['path']} x{a['weight']}" for a in c["adapter"]["combine"]["adapters"])
+    lines = ["# Model card: merged QLoRA fine-tune, GPTQ", "",
+             f"- **Base model**: `{c['base']['path']}`; **adapter**: `{adapters}`.",
+             f"- **Merge**: LoRA delta added to the {ver.get('merge_base', 'dequantized')} weights "
+             f"({c['dequantize']['quant_type'].upper()}, double quantization {c['dequantize']['double_quant']}); "
+             f"checked against the unmerged model: KL {ver['kl_divergence']:.3g} nats/token (bound {ver['max_kl']:g}).",
+             f"- **Quantization**: GPTQ (GPTQModel) {rq.get('bits')}-bit, group size {rq.get('group_size')}, "
+             f"act-order {rq.get('desc_act')}, symmetric {rq.get('sym')}, calibration set '{rq.get('calibration')}' "
+             f"({rq.get('calibration_tokens')} tokens).", "", "## What it lost", "",
+             "Against the fine-tuned model as trained (4-bit base + adapter, unmerged):", ""]
+    for ds, ppl in g.get("perplexity", {}).items():
+        pr = g.get("perplexity_ratio", {}).get(ds, {})
+        ci = f" (95% CI {pr['ci_low']:.3f}-{pr['ci_high']:.3f})" if pr.get("ci_low") is not None else ""
+        lines.append(f"- {ds}: perplexity {v['reference']['perplexity'][ds]:.3f} → {ppl:.3f}, ratio "
+                     f"{pr.get('ratio', float('nan')):.3f}{ci}; KL {g['kl_divergence'][ds]:.4g} nats/token; "
+                     f"top-1 agreement {g['top1_agreement'][ds]:.3f}.")
+    for t, a in g.get("accuracy", {}).items():
+        pa = g.get("accuracy_paired", {}).get(t, {})
+        lines.append(f"- {t}: accuracy {v['reference']['accuracy'][t]['acc']:.3f} → {a['acc']:.3f}"
+                     + (f" (McNemar p = {pa['p_value']:.3g})" if pa else "") + ".")
+    lines += ["", f"Produced by qlora-merge; full report: `{doc['run_name']}/report.md`.", ""]
+    return "\n".join(lines)
+
+
 def write(cfg, results: dict) -> Path:
     """Write ``report.json``, ``report.md`` and ``report.png`` into the run folder; returns the JSON path."""
     rd = cfg.run_dir
     doc = build(cfg, results)
     write_json(rd / "report.json", doc)
     (rd / "report.md").write_text(markdown(doc))
+    if "gptq" in doc["variants"] and (rd / "gptq").is_dir():
+        (rd / "gptq" / "README.md").write_text(model_card(doc))
     plot(doc, results, rd / "report.png")
     return rd / "report.json"

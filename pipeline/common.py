@@ -134,6 +134,12 @@ def load_texts(src) -> list[str]:
     from pipeline.errors import InputError
     if src.source == "embedded":
         return embedded_topics(src.split)
+    if src.format == "alpaca":
+        recs = json.loads(Path(src.path).read_text(encoding="utf-8"))
+        if not isinstance(recs, list) or not all(isinstance(r, dict) and "instruction" in r for r in recs):
+            raise InputError(f"{src.path}: not a JSON list of Alpaca records (instruction, input, output)")
+        keep = {"train": lambda i: i % 10 != 0, "heldout": lambda i: i % 10 == 0, "all": lambda i: True}[src.split]
+        return [alpaca_prompt(r) for i, r in enumerate(recs) if keep(i)]
     if src.source == "hub":
         import datasets
         ds = datasets.load_dataset(src.hub_name, src.hub_config, split=src.hub_split)
@@ -150,6 +156,12 @@ def load_texts(src) -> list[str]:
                 raise InputError(f"{path}:{i + 1}: not a JSON object with field '{src.text_field}'") from None
         return docs
     return [path.read_text(encoding="utf-8")]
+
+
+def alpaca_prompt(r: dict) -> str:
+    """An Alpaca record rendered with the Alpaca training prompt (instruction, optional input, response)."""
+    inp = f"### Input:\n{r['input']}\n\n" if r.get("input") else ""
+    return f"### Instruction:\n{r['instruction']}\n\n{inp}### Response:\n{r['output']}"
 
 
 def token_stream(tokenizer, src, max_tokens: int | None = None) -> torch.Tensor:

@@ -35,6 +35,8 @@ class TextSource(_Strict):
 
     name: str = "text"
     source: Literal["embedded", "file", "hub"] = "embedded"
+    format: Literal["text", "alpaca"] = Field("text", description="alpaca: a JSON list of instruction records, "
+                                              "rendered with the training prompt; split every 10th record held out")
     path: Optional[str] = None
     split: Literal["train", "heldout", "all"] = "heldout"
     text_field: str = "text"
@@ -133,6 +135,8 @@ class RequantizeSection(_Strict):
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
     calibration: TextSource = TextSource(name="calibration", split="train", max_tokens=10**9)
+    alternatives: list[GPTQSetting] = Field([], description="extra GPTQ checkpoints, evaluated as baselines")
+    budget: Optional[BudgetSection] = None
 
     @field_validator("group_size")
     @classmethod
@@ -150,7 +154,34 @@ class EvalSection(_Strict):
     task_dir: Optional[str] = None
     task_limit: Optional[int] = Field(None, gt=0)
     variants: list[Literal["reference", "merged", "gptq", "base"]] = ["reference", "merged", "gptq", "base"]
+    baselines: list[Literal["peft_4bit_merge", "rtn", "bnb_nf4"]] = Field(
+        [], description="extra variants built in memory from the merged model or the 4-bit base")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for perplexity-ratio intervals")
     batch_size: int = Field(8, gt=0)
+
+
+class GPTQSetting(_Strict):
+    """One GPTQ setting; unset fields take the ``requantize`` section's values."""
+
+    bits: Optional[Literal[2, 3, 4, 8]] = None
+    group_size: Optional[int] = None
+    desc_act: Optional[bool] = None
+    sym: Optional[bool] = None
+
+
+class BudgetSection(_Strict):
+    """Quality budget: try ``settings`` from the smallest checkpoint to the largest and keep the
+    first whose loss against the reference (on the verify text) is within budget."""
+
+    settings: list[GPTQSetting] = Field(..., min_length=1)
+    max_perplexity_increase: Optional[float] = Field(None, gt=0, description="fraction, e.g. 0.05 for +5%")
+    max_kl: Optional[float] = Field(None, gt=0, description="nats/token")
+
+    @model_validator(mode="after")
+    def _some(self) -> "BudgetSection":
+        if self.max_perplexity_increase is None and self.max_kl is None:
+            raise ValueError("give max_perplexity_increase and/or max_kl")
+        return self
 
 
 class Config(_Strict):

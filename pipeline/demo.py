@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from pipeline.common import embedded_topics, log, publish_dir, write_json
+from pipeline.common import alpaca_prompt, embedded_topics, log, publish_dir, write_json
 
 import torch  # noqa: E402
 
@@ -51,18 +51,11 @@ def prepare_base(out: Path) -> Path:
     return out
 
 
-def _alpaca_docs(path: Path) -> list[str]:
-    recs = json.loads(path.read_text())
-    fmt = "### Instruction:\n{instruction}\n\n{inp}### Response:\n{output}"
-    return [fmt.format(instruction=r["instruction"], inp=f"### Input:\n{r['input']}\n\n" if r.get("input") else "",
-                       output=r["output"]) for r in recs]
-
-
 def training_docs(data: str) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: pydoc topics split by topic, or Alpaca records (every 10th held out)."""
     if data == "pydoc":
         return embedded_topics("train"), embedded_topics("heldout")
-    docs = _alpaca_docs(Path(data))
+    docs = [alpaca_prompt(r) for r in json.loads(Path(data).read_text())]
     return [d for i, d in enumerate(docs) if i % 10], [d for i, d in enumerate(docs) if not i % 10]
 
 

@@ -5,7 +5,12 @@ Variants (``eval.variants``):
 * ``reference``: the 4-bit base with the adapter applied unmerged (the trained model);
 * ``merged``: ``<run_dir>/merged`` (dequantized base + adapter, verified);
 * ``gptq``: ``<run_dir>/gptq`` reloaded from disk with plain ``transformers``;
-* ``base``: the dequantized base without the adapter (what the adapter changed, for scale).
+* ``base``: the dequantized base without the adapter (what the adapter changed, for scale);
+* ``merged-<base>``: the other merge base, ``gptq-<tag>``: GPTQ at the ``alternatives`` settings;
+* ``eval.baselines``: PEFT's 4-bit merge, bitsandbytes NF4 and round-to-nearest of the merged model.
+
+Against the reference, each variant also gets a perplexity ratio with a paired-bootstrap
+interval over windows and, per task, a paired exact McNemar test over the same items.
 
 One model in memory at a time: the reference's log-probs are kept on disk
 (:class:`eval.metrics.ReferenceStore`) and every other variant is scored against them.
@@ -33,10 +38,14 @@ def _load_variant(cfg, name: str, device: str):
         f = f if f.is_file() else f.with_name("adapter_model.bin")
         size = model.get_memory_footprint() - _lora_bytes(model) + f.stat().st_size
         return model, AutoTokenizer.from_pretrained(rd / "merged"), f"{cfg.base.path} (4-bit) + {adapter}", size
+    if name.startswith("baseline:"):
+        from eval import baselines
+        model, path, size = baselines.load(cfg, name.split(":", 1)[1], device)
+        return model, AutoTokenizer.from_pretrained(rd / "merged"), path, size
     path = rd / {"merged": "merged", "gptq": "gptq", "base": "dequantized"}.get(name, name)
     if not path.is_dir():
         return None
-    dtype = compute_dtype_for(cfg.out_dtype, device) if name != "gptq" else None
+    dtype = compute_dtype_for(cfg.out_dtype, device) if not name.startswith("gptq") else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map={"": device}).eval()
     return model, AutoTokenizer.from_pretrained(path), str(path), dir_size_bytes(path)
 
@@ -51,16 +60,21 @@ def run(cfg) -> Path:
     Returns:
         Path of ``<run_dir>/report.json``.
     """
-    from eval import accuracy, report
+    from eval import accuracy, report, stats
     e = cfg.eval
     device = pick_device(cfg.dequantize.device)
     variants = ["reference"] + [v for v in e.variants if v != "reference"]
     if "merged" in variants:  # the other merge base, when the verify stage published it
         variants[variants.index("merged") + 1:variants.index("merged") + 1] = [
             f"merged-{b}" for b in ("dequantized", "original") if (cfg.run_dir / f"merged-{b}").is_dir()]
+    if "gptq" in variants:  # GPTQ at other settings (requantize.alternatives)
+        variants[variants.index("gptq") + 1:variants.index("gptq") + 1] = sorted(
+            p.name for p in cfg.run_dir.glob("gptq-*") if p.is_dir())
+    variants += [f"baseline:{b}" for b in e.baselines]
     with stage_record(cfg.run_dir, "evaluate") as rec:
         results: dict = {}
         stores: dict = {}
+        ref_nll: dict = {}
         wins: dict = {}
         try:
             for name in variants:
@@ -84,6 +98,11 @@ def run(cfg) -> Path:
                         s = score(model, w, ref=stores[ds.name], progress=f"{name} / {ds.name}")
                     r["perplexity"][ds.name] = s["perplexity"]
                     r["tokens"][ds.name] = s["tokens"]
+                    if name == "reference":
+                        ref_nll[ds.name] = s["nll_per_window"]
+                    else:
+                        r.setdefault("perplexity_ratio", {})[ds.name] = stats.perplexity_ratio_ci(
+                            ref_nll[ds.name], s["nll_per_window"], e.seq_len - 1, n_boot=e.bootstrap)
                     if "kl_divergence" in s:
                         r["kl_divergence"][ds.name] = s["kl_divergence"]
                         r["top1_agreement"][ds.name] = s["top1_agreement"]
@@ -95,7 +114,10 @@ def run(cfg) -> Path:
                 if e.tasks:
                     r["accuracy"], r["per_item"] = accuracy.run_tasks(model, tok, e.tasks, e.task_dir, e.task_limit,
                                                                       e.batch_size)
-                results[name] = r
+                    if name != "reference":
+                        r["accuracy_paired"] = {t: stats.paired_accuracy(results["reference"]["per_item"][t], items)
+                                                for t, items in r["per_item"].items()}
+                results[name.removeprefix("baseline:")] = r
                 del model
         finally:
             for s in stores.values():

@@ -106,28 +106,125 @@ def reload_check(out_dir: Path, calib: list[dict]) -> float:
     return out.loss.item()
 
 
+def resolve(rq, setting=None):
+    """The requantize section with a :class:`GPTQSetting`'s fields applied."""
+    return rq.model_copy(update={k: v for k, v in (setting.model_dump() if setting else {}).items() if v is not None})
+
+
+def tag(rq) -> str:
+    """Folder tag of a setting, e.g. ``4bit-g64-act``."""
+    return f"{rq.bits}bit-g{rq.group_size}{'-act' if rq.desc_act else ''}{'' if rq.sym else '-asym'}"
+
+
+def bits_per_weight(rq) -> float:
+    """Approximate storage per quantized weight (bits): the code plus an fp16 scale and a packed
+    zero point per group (GPTQ v1 layout); used to order budget settings by size."""
+    return rq.bits + ((16 + rq.bits) / rq.group_size if rq.group_size > 0 else 0.0)
+
+
+def build(cfg, rq, out: Path, calib: list[dict], device: str) -> dict:
+    """Quantize ``<run_dir>/merged`` with setting ``rq`` into ``out`` (atomic), reload-check it.
+
+    Returns:
+        the setting's record: bits, group_size, desc_act, sym, bits_per_weight, reload NLL, seconds.
+    """
+    import time
+    merged = cfg.run_dir / "merged"
+    check_group_size(merged, rq.group_size)
+    t0 = time.perf_counter()
+    log(f"requantize: GPTQ {tag(rq)} ({len(calib)} x {rq.seq_len} calibration tokens from "
+        f"'{rq.calibration.name}', {device}) -> {out}")
+    with publish_dir(out) as tmp:
+        quantize(merged, tmp, rq, calib, device, log_dir=cfg.run_dir / "stages" / "requantize" / tag(rq))
+        nll = reload_check(tmp, calib)
+    return {"artefact": str(out), "bits": rq.bits, "group_size": rq.group_size, "desc_act": rq.desc_act,
+            "sym": rq.sym, "bits_per_weight": round(bits_per_weight(rq), 3), "reload_calibration_nll": nll,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def within_budget(cfg, candidate: Path, store, wins, ref_ppl: float) -> dict:
+    """Score a GPTQ checkpoint against the reference on the verify windows; apply the budget."""
+    from transformers import AutoModelForCausalLM
+    from eval.metrics import score
+    b = cfg.requantize.budget
+    model = AutoModelForCausalLM.from_pretrained(candidate, device_map={"": pick_device("auto")}).eval()
+    s = score(model, wins, ref=store)
+    inc = s["perplexity"] / ref_ppl - 1
+    ok = (b.max_perplexity_increase is None or inc <= b.max_perplexity_increase) and \
+         (b.max_kl is None or s["kl_divergence"] <= b.max_kl)
+    return {"perplexity": s["perplexity"], "perplexity_increase": inc, "kl_divergence": s["kl_divergence"],
+            "top1_agreement": s["top1_agreement"], "within_budget": ok}
+
+
+def _budget(cfg, calib, device, rec) -> Path:
+    """Try the budget's settings from the smallest checkpoint up; publish the first within budget as ``gptq``."""
+    import shutil
+    from eval.metrics import ReferenceStore, score, windows
+    from pipeline.verify import reference_model
+    from transformers import AutoTokenizer
+    rq, rd, b = cfg.requantize, cfg.run_dir, cfg.requantize.budget
+    settings = sorted((resolve(rq, s) for s in b.settings), key=bits_per_weight)
+    wins = windows(token_stream(AutoTokenizer.from_pretrained(rd / "merged"), cfg.verify.data), cfg.verify.seq_len)
+    ref = reference_model(cfg)
+    store = ReferenceStore(len(wins), cfg.verify.seq_len, ref.get_output_embeddings().weight.shape[0], folder=rd)
+    tried, chosen = [], None
+    try:
+        ref_ppl = score(ref, wins, store=store)["perplexity"]
+        del ref
+        for s in settings:
+            out = rd / f"gptq-{tag(s)}"
+            r = build(cfg, s, out, calib, device)
+            r.update(within_budget(cfg, out, store, wins, ref_ppl))
+            log(f"requantize: budget: {tag(s)} perplexity {r['perplexity_increase']:+.2%}, KL {r['kl_divergence']:.4g}"
+                f" -> {'kept' if r['within_budget'] else 'rejected'}")
+            tried.append(r)
+            if r["within_budget"]:
+                chosen = s
+                shutil.rmtree(rd / "gptq", ignore_errors=True)
+                out.rename(rd / "gptq")
+                r["artefact"] = str(rd / "gptq")
+                break
+            shutil.rmtree(out)  # a rejected checkpoint is not kept
+            r["artefact"] = None
+    finally:
+        store.close()
+    rec["budget"] = {"max_perplexity_increase": b.max_perplexity_increase, "max_kl": b.max_kl,
+                     "reference_perplexity": ref_ppl, "data": cfg.verify.data.name, "tried": tried,
+                     "chosen": tag(chosen) if chosen else None}
+    if chosen is None:
+        raise VerificationError("no GPTQ setting is within the quality budget; tried: "
+                                + ", ".join(f"{t['bits']}bit-g{t['group_size']} ({t['perplexity_increase']:+.2%}, "
+                                            f"KL {t['kl_divergence']:.3g})" for t in tried))
+    return rd / "gptq"
+
+
 def run(cfg) -> Path | None:
-    """Stage entry: GPTQ of ``<run_dir>/merged`` into ``<run_dir>/gptq``; None when disabled."""
+    """Stage entry: GPTQ of ``<run_dir>/merged`` into ``<run_dir>/gptq`` (with ``budget``: the
+    smallest setting within budget), plus ``gptq-<tag>`` for each of ``alternatives``.
+    None when disabled.
+    """
     from transformers import AutoTokenizer
     rq = cfg.requantize
-    merged, out = cfg.run_dir / "merged", cfg.run_dir / "gptq"
+    merged = cfg.run_dir / "merged"
     with stage_record(cfg.run_dir, "requantize") as rec:
         if not rq.enabled:
             rec.update(status="skipped")
             return None
         if not merged.is_dir():
             raise InputError(f"{merged} is missing: run the merge and verify stages first.")
-        check_group_size(merged, rq.group_size)
-        tok = AutoTokenizer.from_pretrained(merged)
-        calib = calibration_windows(tok, rq.calibration, rq.num_samples, rq.seq_len)
+        for s in [rq, *(resolve(rq, a) for a in rq.alternatives), *(resolve(rq, a) for a in (rq.budget.settings if rq.budget else []))]:
+            check_group_size(merged, s.group_size)  # refuse before any work
+        calib = calibration_windows(AutoTokenizer.from_pretrained(merged), rq.calibration, rq.num_samples, rq.seq_len)
         device = pick_device(cfg.dequantize.device)
-        log(f"requantize: GPTQ {rq.bits}-bit, group size {rq.group_size}, desc_act {rq.desc_act}, "
-            f"{len(calib)} x {rq.seq_len} calibration tokens from '{rq.calibration.name}' on {device}")
-        with publish_dir(out) as tmp:
-            quantize(merged, tmp, rq, calib, device, log_dir=cfg.run_dir / "stages" / "requantize")
-            nll = reload_check(tmp, calib)
-        log(f"requantize: reloaded in transformers, calibration NLL {nll:.3f}")
-        rec.update(artefact=str(out), bits=rq.bits, group_size=rq.group_size, desc_act=rq.desc_act, sym=rq.sym,
-                   damp_percent=rq.damp_percent, calibration=rq.calibration.name, calibration_rows=len(calib),
-                   calibration_tokens=len(calib) * rq.seq_len, reload_calibration_nll=nll, engine="gptqmodel")
+        if rq.budget:
+            out = _budget(cfg, calib, device, rec)
+            main = next(t for t in rec["budget"]["tried"] if t["within_budget"])
+        else:
+            out = cfg.run_dir / "gptq"
+            main = build(cfg, rq, out, calib, device)
+        rec.update(main)
+        rec["alternatives"] = [build(cfg, s, cfg.run_dir / f"gptq-{tag(s)}", calib, device)
+                               for s in (resolve(rq, a) for a in rq.alternatives)]
+        rec.update(damp_percent=rq.damp_percent, calibration=rq.calibration.name, calibration_rows=len(calib),
+                   calibration_tokens=len(calib) * rq.seq_len, engine="gptqmodel")
     return out

@@ -83,3 +83,25 @@ def test_lost_adapter_is_caught(tiny_base, tmp_path):
     merge.run(cfg)
     with pytest.raises(VerificationError, match="adapted weight unchanged"):
         verify.run(cfg)
+
+
+def test_auto_merge_base_keeps_the_lower_perplexity(tiny_base, tiny_adapter, tmp_path):
+    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path, merge={"base": "auto"})
+    dequantize.run(cfg)
+    merge.run(cfg)
+    verify.run(cfg)
+    rec = json.loads((cfg.run_dir / "stages" / "verify.json").read_text())
+    c = rec["candidates"]
+    best = min(c, key=lambda b: c[b]["perplexity"])
+    other = ({"dequantized", "original"} - {best}).pop()
+    assert rec["merge_base"] == best and rec["merge_base_reason"].startswith("auto: lowest perplexity")
+    assert c[best]["artefact"].endswith("/merged") and (cfg.run_dir / f"merged-{other}").is_dir()
+    assert all(x["exact_kl"] < 1e-6 for x in c.values())
+
+
+def test_choose_rules():
+    r = {"dequantized": {"passed": True, "perplexity": 10.0}, "original": {"passed": True, "perplexity": 9.0}}
+    assert verify.choose("auto", r)[0] == "original"
+    assert verify.choose("dequantized", r)[0] == "dequantized"
+    r["original"]["passed"] = False
+    assert verify.choose("auto", r)[0] == "dequantized"  # a candidate that failed is never chosen

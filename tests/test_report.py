@@ -12,7 +12,9 @@ from conftest import REPO, tiny_config
 
 
 def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
-    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs")
+    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs",
+                      requantize={"alternatives": [{"bits": 8}]},
+                      eval={"baselines": ["peft_4bit_merge", "rtn", "bnb_nf4"], "bootstrap": 200})
     cfile = tmp_path / "tiny.yaml"
     cfile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     r = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(cfile)], cwd=REPO,
@@ -20,7 +22,10 @@ def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rd = cfg.run_dir
     rep = json.loads((rd / "report.json").read_text())
-    for v in ("reference", "merged", "gptq", "base"):
+    assert set(rep["variants"]) == {"reference", "merged", "merged-original", "merged-dequantized", "gptq",
+                                    "gptq-8bit-g32-act", "base", "peft_4bit_merge", "rtn", "bnb_nf4"} - {
+        "merged-" + rep["verification"]["merge_base"]}
+    for v in rep["variants"]:
         var = rep["variants"][v]
         for k in ("perplexity", "kl_divergence", "top1_agreement"):
             assert set(var[k]) == {"pydoc-heldout"}, (v, k)
@@ -35,6 +40,25 @@ def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
     assert v["gptq"]["kl_divergence"]["pydoc-heldout"] > 1e-4
     assert abs(v["merged"]["perplexity"]["pydoc-heldout"] / v["reference"]["perplexity"]["pydoc-heldout"] - 1) < 1e-4
     assert rep["verification"]["passed"] is True and rep["verification"]["kl_divergence"] < 1e-6
+    # both merge bases measured side by side, each exact against its own unmerged model
+    cands = rep["verification"]["candidates"]
+    assert set(cands) == {"dequantized", "original"} and all(c["exact_kl"] < 1e-6 for c in cands.values())
+    assert rep["verification"]["merge_base"] == "dequantized"
+    assert cands["original"]["kl_divergence"] > 1e-4  # the original weights are not what the adapter saw
+    assert v["merged-original"]["kl_divergence"]["pydoc-heldout"] > 1e-4
+    # statistics against the reference
+    pr = v["gptq"]["perplexity_ratio"]["pydoc-heldout"]
+    assert pr["ci_low"] <= pr["ratio"] <= pr["ci_high"]
+    assert v["gptq"]["perplexity"]["pydoc-heldout"] / v["reference"]["perplexity"]["pydoc-heldout"] == \
+        __import__("pytest").approx(pr["ratio"], rel=1e-9)
+    pa = v["gptq"]["accuracy_paired"]["pydoc_cloze"]
+    assert pa["n"] == 8 and 0 <= pa["p_value"] <= 1
+    # baselines: PEFT's 4-bit merge rounds the adapter away; 8-bit GPTQ is closer than 4-bit
+    assert v["peft_4bit_merge"]["kl_divergence"]["pydoc-heldout"] > 100 * v["merged"]["kl_divergence"]["pydoc-heldout"]
+    assert v["bnb_nf4"]["kl_divergence"]["pydoc-heldout"] > 1e-4
+    assert v["gptq-8bit-g32-act"]["kl_divergence"]["pydoc-heldout"] < v["gptq"]["kl_divergence"]["pydoc-heldout"]
+    card = (rd / "gptq" / "README.md").read_text()
+    assert "GPTQ (GPTQModel) 4-bit, group size 32" in card and "What it lost" in card
     for s in ("dequantize", "merge", "verify", "requantize", "evaluate"):
         assert rep["stages"][s]["seconds"] > 0 and rep["stages"][s]["peak_rss_bytes"] > 50 * 2**20, s
         assert rep["stages"][s]["status"] == "ok"

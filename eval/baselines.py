@@ -1,0 +1,69 @@
+"""Baselines built in memory, for scale in the report (``eval.baselines``):
+
+* ``peft_4bit_merge``: PEFT's ``merge_and_unload()`` on the 4-bit model, which re-quantizes
+  each merged weight to NF4 (what most QLoRA tutorials do);
+* ``bnb_nf4``: the merged model loaded in bitsandbytes NF4 (double quantization), no calibration;
+* ``rtn``: round-to-nearest of the merged model at the GPTQ setting's bits and group size
+  (no calibration): what GPTQ's error compensation buys.
+
+The naive merge onto the original 16-bit weights is the ``merged-original`` variant.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.common import compute_dtype_for, dir_size_bytes
+
+
+@torch.no_grad()
+def rtn_(model, bits: int, group_size: int, sym: bool = True, skip=("lm_head",)) -> int:
+    """Round-to-nearest fake quantization of every ``nn.Linear`` weight [out, in], in place.
+
+    Per group of ``group_size`` input columns (``-1``: the whole row): symmetric
+    ``q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)``, ``s = max|w| / (2^(b-1) - 1)``; asymmetric
+    ``q = clamp(round(w / s) + z, 0, 2^b - 1)``, ``s = (max - min) / (2^b - 1)``. Weights become
+    ``s * q`` (or ``s * (q - z)``). Returns the number of weights quantized.
+    """
+    n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or name.split(".")[-1] in skip:
+            continue
+        w = m.weight.float()
+        g = w.shape[1] if group_size == -1 else group_size
+        wg = w.reshape(w.shape[0], -1, g)
+        if sym:
+            qmax = 2 ** (bits - 1) - 1
+            s = wg.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+            q = (wg / s).round().clamp(-qmax - 1, qmax) * s
+        else:
+            lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+            s = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+            z = (-lo / s).round()
+            q = ((wg / s).round() + z).clamp(0, 2 ** bits - 1).sub(z) * s
+        m.weight.copy_(q.reshape_as(w).to(m.weight.dtype))
+        n += w.numel()
+    return n
+
+
+def load(cfg, name: str, device: str):
+    """(model, path description, size_bytes) of baseline ``name``."""
+    from transformers import AutoModelForCausalLM
+    rd, rq = cfg.run_dir, cfg.requantize
+    if name == "peft_4bit_merge":
+        from pipeline.verify import reference_model
+        model = reference_model(cfg).merge_and_unload()
+        return model, "PEFT merge_and_unload() on the 4-bit model", model.get_memory_footprint()
+    if name == "bnb_nf4":
+        from transformers import BitsAndBytesConfig
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype_for(cfg.out_dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(rd / "merged", quantization_config=qc, device_map={"": device},
+                                                     dtype=compute_dtype_for(cfg.out_dtype, device))
+        return model.eval(), f"{rd / 'merged'} in bitsandbytes NF4", model.get_memory_footprint()
+    if name == "rtn":
+        model = AutoModelForCausalLM.from_pretrained(rd / "merged", dtype=compute_dtype_for(cfg.out_dtype, device),
+                                                     device_map={"": device}).eval()
+        rtn_(model, rq.bits, rq.group_size, rq.sym)
+        size = dir_size_bytes(rd / "gptq") if (rd / "gptq").is_dir() else 0  # same layout as GPTQ at this setting
+        return model, f"{rd / 'merged'} round-to-nearest {rq.bits}-bit g{rq.group_size}", size
+    raise ValueError(f"unknown baseline {name}")
