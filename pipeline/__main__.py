@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     except VerificationError as e:
         print(f"verification failed: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted; finished artefacts are intact, unfinished ones were removed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -227,6 +227,8 @@ def _check_one(adir: Path, bdir: Path, cfg) -> dict:
     adapted = sorted({m.group("mod") for k in shapes if (m := _LORA.match(k.removeprefix(_PREFIX)))})
     full = [_WRAPPERS.sub("", n) for k in shapes if not (_LORA.match(n := k.removeprefix(_PREFIX))
                                                         or _MAGNITUDE.match(n) or _OTHER_ADAPTER.match(n))]
+    if not shapes:
+        raise InputError(f"adapter '{adir}' holds no tensors (empty target_modules?): it changes nothing to merge.")
     facts = {"peft_type": peft_type, "r": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"),
              "use_rslora": bool(acfg.get("use_rslora")), "use_dora": bool(acfg.get("use_dora")),
              "adapted_modules": adapted,

@@ -135,7 +135,10 @@ def load_texts(src) -> list[str]:
     if src.source == "embedded":
         return embedded_topics(src.split)
     if src.format == "alpaca":
-        recs = json.loads(Path(src.path).read_text(encoding="utf-8"))
+        try:
+            recs = json.loads(Path(src.path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"text source '{src.name}': {src.path} is not a JSON file ({e})") from None
         if not isinstance(recs, list) or not all(isinstance(r, dict) and "instruction" in r for r in recs):
             raise InputError(f"{src.path}: not a JSON list of Alpaca records (instruction, input, output)")
         keep = {"train": lambda i: i % 10 != 0, "heldout": lambda i: i % 10 == 0, "all": lambda i: True}[src.split]
@@ -145,6 +148,14 @@ def load_texts(src) -> list[str]:
         ds = datasets.load_dataset(src.hub_name, src.hub_config, split=src.hub_split)
         return [t for t in ds[src.text_field] if t and t.strip()]
     path = Path(src.path)
+    try:
+        return _read_file(path, src)
+    except UnicodeDecodeError as e:
+        raise InputError(f"text source '{src.name}': {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
+def _read_file(path: Path, src) -> list[str]:
+    from pipeline.errors import InputError
     if path.suffix == ".jsonl":
         docs = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
@@ -175,6 +186,21 @@ def token_stream(tokenizer, src, max_tokens: int | None = None) -> torch.Tensor:
     # tokenise a prefix generous enough for `limit` tokens (>= 1 char per token)
     ids = tokenizer(text[: limit * 12], add_special_tokens=False, return_tensors="pt").input_ids[0]
     return ids[:limit]
+
+
+def text_windows(tokenizer, src, seq_len: int, key: str):
+    """The corpus ``src`` tokenized and cut into ``[n, seq_len]`` windows (see ``eval.metrics.windows``).
+
+    Raises:
+        InputError: fewer than ``seq_len`` tokens; names the config key ``key``.
+    """
+    from eval.metrics import windows
+    from pipeline.errors import InputError
+    ids = token_stream(tokenizer, src)
+    if len(ids) < seq_len:
+        raise InputError(f"{key}: text '{src.name}' gives {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
+                         "lower seq_len or give more text (max_tokens).")
+    return windows(ids, seq_len)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -20,6 +20,12 @@ Dtype = Literal["float16", "bfloat16", "float32"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _check_group_size(v: int) -> int:
+    if v != -1 and (v <= 0 or v & (v - 1)):
+        raise ValueError("group_size must be -1 or a power of two (32, 64, 128, ...)")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,7 +101,8 @@ class AdapterSection(_Strict):
 
 class OutputSection(_Strict):
     dir: str = "runs"
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                          description="letters, digits, '.', '_', '-'; no slashes")
 
 
 class DequantizeSection(_Strict):
@@ -141,14 +148,12 @@ class RequantizeSection(_Strict):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        if v != -1 and (v <= 0 or v & (v - 1)):
-            raise ValueError("group_size must be -1 or a power of two (32, 64, 128, ...)")
-        return v
+        return _check_group_size(v)
 
 
 class EvalSection(_Strict):
     enabled: bool = True
-    datasets: list[TextSource] = [TextSource(name="pydoc-heldout", split="heldout")]
+    datasets: list[TextSource] = Field([TextSource(name="pydoc-heldout", split="heldout")], min_length=1)
     seq_len: int = Field(512, gt=1, description="context length of each perplexity window (tokens)")
     tasks: list[str] = ["pydoc_cloze"]
     task_dir: Optional[str] = None
@@ -167,6 +172,11 @@ class GPTQSetting(_Strict):
     group_size: Optional[int] = None
     desc_act: Optional[bool] = None
     sym: Optional[bool] = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: Optional[int]) -> Optional[int]:
+        return v if v is None else _check_group_size(v)
 
 
 class BudgetSection(_Strict):

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.metrics import ReferenceStore, score, windows
-from pipeline.common import compute_dtype_for, dir_size_bytes, log, pick_device, stage_record, token_stream
+from eval.metrics import ReferenceStore, score
+from pipeline.common import compute_dtype_for, dir_size_bytes, log, pick_device, stage_record, text_windows
+from pipeline.errors import InputError
 
 import torch  # noqa: E402
 
@@ -71,6 +72,8 @@ def run(cfg) -> Path:
         variants[variants.index("gptq") + 1:variants.index("gptq") + 1] = sorted(
             p.name for p in cfg.run_dir.glob("gptq-*") if p.is_dir())
     variants += [f"baseline:{b}" for b in e.baselines]
+    if not (cfg.run_dir / "merged").is_dir():
+        raise InputError(f"{cfg.run_dir / 'merged'} is missing: run the merge and verify stages first.")
     with stage_record(cfg.run_dir, "evaluate") as rec:
         results: dict = {}
         stores: dict = {}
@@ -88,7 +91,7 @@ def run(cfg) -> Path:
                      "top1_agreement": {}, "tokens": {}, "accuracy": {}}
                 for ds in e.datasets:
                     if ds.name not in wins:
-                        wins[ds.name] = windows(token_stream(tok, ds), e.seq_len)
+                        wins[ds.name] = text_windows(tok, ds, e.seq_len, f"eval.datasets[{ds.name}]")
                     w = wins[ds.name]
                     if name == "reference":
                         vocab = model.get_output_embeddings().weight.shape[0]

@@ -197,6 +197,8 @@ def run(cfg) -> list[Path]:
         facts = check_adapter(cfg)
         dtype_name = cfg.out_dtype
         dequantized = cfg.run_dir / "dequantized"
+        if not dequantized.is_dir():
+            raise InputError(f"{dequantized} is missing: run the dequantize stage first.")
         if cfg.adapter.combine:
             log(f"merge: combining {len(cfg.adapter.combine.adapters)} adapters ({cfg.adapter.combine.method})")
             combine_adapters(cfg, _load_fp32(dequantized))

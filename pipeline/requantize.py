@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.common import log, pick_device, publish_dir, stage_record, token_stream
+from pipeline.common import log, pick_device, publish_dir, stage_record, text_windows, token_stream
 from pipeline.errors import InputError, VerificationError
 
 import torch  # noqa: E402
@@ -29,8 +29,10 @@ def calibration_windows(tokenizer, src, num_samples: int, seq_len: int) -> list[
         InputError: the corpus holds fewer than ``seq_len`` tokens.
     """
     ids = token_stream(tokenizer, src, max_tokens=min(src.max_tokens, num_samples * seq_len * 4))
-    if len(ids) < seq_len:
-        raise InputError(f"calibration set '{src.name}' has {len(ids)} tokens, fewer than seq_len={seq_len}.")
+    if len(ids) < num_samples * seq_len:
+        raise InputError(f"calibration set '{src.name}' has {len(ids)} tokens, fewer than requantize.num_samples x "
+                         f"seq_len = {num_samples} x {seq_len}; lower them (at most {len(ids) // seq_len} samples of "
+                         f"{seq_len}) or give more calibration text.")
     n_start = len(ids) - seq_len + 1
     starts = sorted({round(i * (n_start - 1) / max(1, num_samples - 1)) for i in range(num_samples)})
     return [{"input_ids": ids[s:s + seq_len].tolist(), "attention_mask": [1] * seq_len} for s in starts]
@@ -50,8 +52,8 @@ def check_group_size(model_dir: Path, group_size: int) -> None:
     bad = sorted(w for w in widths if w % group_size)
     if bad:
         raise InputError(f"requantize.group_size {group_size} does not divide layer width(s) {bad}; "
-                         f"use a divisor (e.g. {max(g for g in (32, 64, 128) if all(w % g == 0 for w in widths))}) "
-                         "or -1.")
+                         f"use a divisor ({max((g for g in (32, 64, 128) if all(w % g == 0 for w in widths)), default=-1)}"
+                         " fits) or -1.")
 
 
 def _quiet_gptqmodel():
@@ -159,12 +161,12 @@ def within_budget(cfg, candidate: Path, store, wins, ref_ppl: float) -> dict:
 def _budget(cfg, calib, device, rec) -> Path:
     """Try the budget's settings from the smallest checkpoint up; publish the first within budget as ``gptq``."""
     import shutil
-    from eval.metrics import ReferenceStore, score, windows
+    from eval.metrics import ReferenceStore, score
     from pipeline.verify import reference_model
     from transformers import AutoTokenizer
     rq, rd, b = cfg.requantize, cfg.run_dir, cfg.requantize.budget
     settings = sorted((resolve(rq, s) for s in b.settings), key=bits_per_weight)
-    wins = windows(token_stream(AutoTokenizer.from_pretrained(rd / "merged"), cfg.verify.data), cfg.verify.seq_len)
+    wins = text_windows(AutoTokenizer.from_pretrained(rd / "merged"), cfg.verify.data, cfg.verify.seq_len, "verify.data")
     ref = reference_model(cfg)
     store = ReferenceStore(len(wins), cfg.verify.seq_len, ref.get_output_embeddings().weight.shape[0], folder=rd)
     tried, chosen = [], None

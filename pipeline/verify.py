@@ -22,9 +22,9 @@ import json
 import shutil
 from pathlib import Path
 
-from eval.metrics import ReferenceStore, score, windows
-from pipeline.common import DTYPES, compute_dtype_for, log, pick_device, stage_record, token_stream
-from pipeline.errors import VerificationError
+from eval.metrics import ReferenceStore, score
+from pipeline.common import compute_dtype_for, log, pick_device, stage_record, text_windows
+from pipeline.errors import InputError, VerificationError
 
 import torch  # noqa: E402
 
@@ -123,13 +123,13 @@ def run(cfg) -> Path:
     max_kl = v.max_kl or default_max_kl(cfg.out_dtype, cfg.dequantize.compute_dtype)
     cands = [b for b in ("dequantized", "original") if (rd / f"merged-{b}.unverified").is_dir()]
     if not cands:
-        raise VerificationError(f"no merged checkpoint to verify in {rd}: run the merge stage first")
+        raise InputError(f"no merged checkpoint to verify in {rd}: run the merge stage first")
     device = pick_device(cfg.dequantize.device)
     with stage_record(rd, "verify") as rec:
         merge_rec = json.loads((rd / "stages" / "merge.json").read_text())
         adapted = adapted_modules(effective_adapter(cfg))
         tok = AutoTokenizer.from_pretrained(rd / f"merged-{cands[0]}.unverified")
-        wins = windows(token_stream(tok, v.data), v.seq_len)
+        wins = text_windows(tok, v.data, v.seq_len, "verify.data")
         log(f"verify: {cands} on {wins.numel()} tokens of '{v.data.name}', exactness bound {max_kl:g} nats/token")
         ref = reference_model(cfg)
         vocab = ref.get_output_embeddings().weight.shape[0]
