@@ -84,7 +84,6 @@ def markdown(doc: dict) -> str:
                       "|---|---|---|---|---|"]
             lines += [f"| {b} | {c['exact_kl']:.3g} | {c['kl_divergence']:.4g} | {c['perplexity']:.4f} | {c['passed']} |"
                       for b, c in cands.items()] + [""]
-    ref = v.get("reference", {})
     for ds in datasets:
         head = ("| variant | size | perplexity | ratio to reference [95% CI] | KL mean | KL median | KL p99 | KL max "
                 "| top-1 agreement |")

@@ -9,7 +9,6 @@ QLoRA (Dettmers et al. 2023, arXiv:2305.14314) trains the adapter against
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pipeline.common import DTYPES, log, pick_device, publish_dir, stage_record

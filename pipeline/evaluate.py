@@ -23,8 +23,6 @@ from eval.metrics import ReferenceStore, score
 from pipeline.common import compute_dtype_for, dir_size_bytes, log, pick_device, stage_record, text_windows
 from pipeline.errors import InputError
 
-import torch  # noqa: E402
-
 
 def _load_variant(cfg, name: str, device: str):
     """(model, tokenizer, path, size_bytes) of one variant, ready for eval."""

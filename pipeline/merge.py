@@ -17,7 +17,6 @@ changes either (re-tied after the merge if both still hold the same matrix).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.common import DTYPES, log, publish_dir, stage_record
