@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.common import compute_dtype_for, dir_size_bytes
+from pipeline.common import compute_dtype_for
 
 
 @torch.no_grad()
@@ -63,7 +63,9 @@ def load(cfg, name: str, device: str):
     if name == "rtn":
         model = AutoModelForCausalLM.from_pretrained(rd / "merged", dtype=compute_dtype_for(cfg.out_dtype, device),
                                                      device_map={"": device}).eval()
-        rtn_(model, rq.bits, rq.group_size, rq.sym)
-        size = dir_size_bytes(rd / "gptq") if (rd / "gptq").is_dir() else 0  # same layout as GPTQ at this setting
+        n = rtn_(model, rq.bits, rq.group_size, rq.sym)
+        from pipeline.requantize import bits_per_weight
+        rest = sum(p.numel() for p in model.parameters()) - n  # kept in fp16, as in a GPTQ checkpoint
+        size = int(n * bits_per_weight(rq) / 8 + 2 * rest)  # estimated: the GPTQ layout at this setting
         return model, f"{rd / 'merged'} round-to-nearest {rq.bits}-bit g{rq.group_size}", size
     raise ValueError(f"unknown baseline {name}")
