@@ -192,7 +192,7 @@ def model_card(doc: dict) -> str:
         pa = g.get("accuracy_paired", {}).get(t, {})
         lines.append(f"- {t}: accuracy {v['reference']['accuracy'][t]['acc']:.3f} → {a['acc']:.3f}"
                      + (f" (McNemar p = {pa['p_value']:.3g})" if pa else "") + ".")
-    lines += ["", f"Produced by qlora-merge; full report: `{doc['run_name']}/report.md`.", ""]
+    lines += ["", "Produced by qlora-merge; full report: `../report.md` (beside this checkpoint's folder).", ""]
     return "\n".join(lines)
 
 
