@@ -5,6 +5,7 @@ Tasks are lm-eval task YAMLs in ``eval/tasks`` (or ``eval.task_dir``); their loc
 and offline. Returns accuracy with its standard error and the per-item correctness
 (``log_samples=True``) for paired comparisons between variants.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ def task_config(name: str, task_dir: str | None = None) -> dict:
     """The task's YAML as a dict, with relative ``data_files`` made absolute.
 
     Raises:
-        InputError: no ``<name>.yaml`` in the task folder.
+        InputError: no ``<name>.yaml`` in the task folder, or a local data file it names is missing.
     """
     folder = Path(task_dir) if task_dir else TASK_DIR
     f = folder / f"{name}.yaml"
@@ -32,18 +33,22 @@ def task_config(name: str, task_dir: str | None = None) -> dict:
     for split, p in files.items():
         if isinstance(p, str) and not Path(p).is_absolute() and "://" not in p:
             files[split] = str((folder / p).resolve())
+            if not Path(files[split]).is_file():
+                raise InputError(f"eval task '{name}': data file '{files[split]}' named by {f} is missing.")
     return cfg
 
 
 def _quiet() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     import lm_eval.evaluator as ev
+
     ev.get_git_commit_hash = lambda: None  # spawns `git describe`; metadata only
     ev.add_env_info = lambda storage: None
 
 
-def run_tasks(model, tokenizer, tasks: list[str], task_dir: str | None = None, limit: int | None = None,
-              batch_size: int = 8) -> tuple[dict, dict]:
+def run_tasks(
+    model, tokenizer, tasks: list[str], task_dir: str | None = None, limit: int | None = None, batch_size: int = 8
+) -> tuple[dict, dict]:
     """Accuracy of ``model`` on each task.
 
     Returns:
@@ -52,13 +57,22 @@ def run_tasks(model, tokenizer, tasks: list[str], task_dir: str | None = None, l
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
     _quiet()
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     configs = [task_config(t, task_dir) for t in tasks]
-    out = simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False), limit=limit,
-                          log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                          fewshot_random_seed=0)
+    out = simple_evaluate(
+        model=lm,
+        tasks=configs,
+        task_manager=TaskManager(include_defaults=False),
+        limit=limit,
+        log_samples=True,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
     acc, items = {}, {}
     for cfg in configs:
         t = cfg["task"]

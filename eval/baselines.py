@@ -8,11 +8,13 @@
 
 The naive merge onto the original 16-bit weights is the ``merged-original`` variant.
 """
+
 from __future__ import annotations
 
 import torch
 
-from pipeline.common import compute_dtype_for
+from pipeline import gptq
+from pipeline.models import bnb_config, load_causal_lm, reference_model, scoring_dtype
 
 
 @torch.no_grad()
@@ -37,9 +39,9 @@ def rtn_(model, bits: int, group_size: int, sym: bool = True, skip=("lm_head",))
             q = (wg / s).round().clamp(-qmax - 1, qmax) * s
         else:
             lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-            s = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+            s = (hi - lo).clamp_min(1e-8) / (2**bits - 1)
             z = (-lo / s).round()
-            q = ((wg / s).round() + z).clamp(0, 2 ** bits - 1).sub(z) * s
+            q = ((wg / s).round() + z).clamp(0, 2**bits - 1).sub(z) * s
         m.weight.copy_(q.reshape_as(w).to(m.weight.dtype))
         n += w.numel()
     return n
@@ -47,25 +49,25 @@ def rtn_(model, bits: int, group_size: int, sym: bool = True, skip=("lm_head",))
 
 def load(cfg, name: str, device: str):
     """(model, path description, size_bytes) of baseline ``name``."""
-    from transformers import AutoModelForCausalLM
-    rd, rq = cfg.run_dir, cfg.requantize
+    layout, rq = cfg.layout, cfg.requantize
+    dtype = scoring_dtype(cfg.out_dtype, device)
     if name == "peft_4bit_merge":
-        from pipeline.verify import reference_model
-        model = reference_model(cfg).merge_and_unload()
+        model = reference_model(cfg, cfg.effective_adapter, device).merge_and_unload()
         return model, "PEFT merge_and_unload() on the 4-bit model", model.get_memory_footprint()
     if name == "bnb_nf4":
-        from transformers import BitsAndBytesConfig
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute_dtype_for(cfg.out_dtype, device))
-        model = AutoModelForCausalLM.from_pretrained(rd / "merged", quantization_config=qc, device_map={"": device},
-                                                     dtype=compute_dtype_for(cfg.out_dtype, device))
-        return model.eval(), f"{rd / 'merged'} in bitsandbytes NF4", model.get_memory_footprint()
+        nf4 = cfg.dequantize.model_copy(update={"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8"})
+        model = load_causal_lm(
+            layout.merged,
+            cfg,
+            device=device,
+            dtype=dtype,
+            quantization_config=bnb_config(nf4, compute_dtype=str(dtype).removeprefix("torch.")),
+        )
+        return model, f"{layout.merged} in bitsandbytes NF4", model.get_memory_footprint()
     if name == "rtn":
-        model = AutoModelForCausalLM.from_pretrained(rd / "merged", dtype=compute_dtype_for(cfg.out_dtype, device),
-                                                     device_map={"": device}).eval()
+        model = load_causal_lm(layout.merged, cfg, device=device, dtype=dtype)
         n = rtn_(model, rq.bits, rq.group_size, rq.sym)
-        from pipeline.requantize import bits_per_weight
         rest = sum(p.numel() for p in model.parameters()) - n  # kept in fp16, as in a GPTQ checkpoint
-        size = int(n * bits_per_weight(rq) / 8 + 2 * rest)  # estimated: the GPTQ layout at this setting
-        return model, f"{rd / 'merged'} round-to-nearest {rq.bits}-bit g{rq.group_size}", size
+        size = int(n * gptq.bits_per_weight(rq) / 8 + 2 * rest)  # estimated: the GPTQ layout at this setting
+        return model, f"{layout.merged} round-to-nearest {rq.bits}-bit g{rq.group_size}", size
     raise ValueError(f"unknown baseline {name}")

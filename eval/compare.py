@@ -12,6 +12,7 @@ Every file is written to a temporary name, then renamed.
 Exit codes: 0 ok; 2 bad input (a RUN_DIR without ``report.json``, unreadable JSON, a report
 without a ``variants`` mapping, a RUN_DIR given twice), with the reason on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,32 +21,32 @@ import sys
 from pathlib import Path
 
 from eval.report import ORDER
-from pipeline.common import write_json
+from pipeline.common import write_json, write_text
+from pipeline.errors import InputError
 
-METRICS = (("perplexity", "perplexity", "{:.4f}"), ("kl_divergence", "KL", "{:.4g}"),
-           ("top1_agreement", "top-1", "{:.4f}"))
-
-
-class CompareError(Exception):
-    """Bad input; exit code 2."""
+METRICS = (
+    ("perplexity", "perplexity", "{:.4f}"),
+    ("kl_divergence", "KL", "{:.4g}"),
+    ("top1_agreement", "top-1", "{:.4f}"),
+)
 
 
 def load(run_dir: Path) -> dict:
     """The parsed ``run_dir/report.json``.
 
     Raises:
-        CompareError: missing, unreadable or not JSON, or no ``variants`` mapping of mappings.
+        InputError: missing, unreadable or not JSON, or no ``variants`` mapping of mappings.
     """
     f = run_dir / "report.json"
     if not f.is_file():
-        raise CompareError(f"{run_dir}: no report.json (has the run finished its report stage?)")
+        raise InputError(f"{run_dir}: no report.json (has the run finished its report stage?)")
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompareError(f"{f}: unreadable JSON ({e})") from None
+        raise InputError(f"{f}: unreadable JSON ({e})") from None
     v = doc.get("variants") if isinstance(doc, dict) else None
     if not isinstance(v, dict) or not all(isinstance(r, dict) for r in v.values()):
-        raise CompareError(f"{f}: no 'variants' mapping of variant name to results")
+        raise InputError(f"{f}: no 'variants' mapping of variant name to results")
     return doc
 
 
@@ -58,10 +59,16 @@ def rows(docs: dict[str, dict]) -> list[dict]:
         v = doc["variants"]
         for name in [n for n in ORDER if n in v] + [n for n in v if n not in ORDER]:
             r, size = v[name], v[name].get("size_bytes")
-            out.append({"run": run, "variant": name, "size_bytes": size,
-                        "size_mib": None if size is None else size / 2**20,
-                        **{k: dict(r.get(k) or {}) for k, _, _ in METRICS},
-                        "accuracy": dict(r.get("accuracy") or {})})
+            out.append(
+                {
+                    "run": run,
+                    "variant": name,
+                    "size_bytes": size,
+                    "size_mib": None if size is None else size / 2**20,
+                    **{k: dict(r.get(k) or {}) for k, _, _ in METRICS},
+                    "accuracy": dict(r.get("accuracy") or {}),
+                }
+            )
     return out
 
 
@@ -76,8 +83,11 @@ def markdown(names: list[str], paths: list[Path], docs: dict[str, dict], rs: lis
     for n, p in zip(names, paths):
         passed = (docs[n].get("verification") or {}).get("passed")
         lines.append(f"| {n} | {p} | {'' if passed is None else ('passed' if passed else 'FAILED')} |")
-    head = ["run", "variant", "size (MiB)"] + [f"{d} {lab}" for d in datasets for _, lab, _ in METRICS] + \
-        [f"{t} acc" for t in tasks]
+    head = (
+        ["run", "variant", "size (MiB)"]
+        + [f"{d} {lab}" for d in datasets for _, lab, _ in METRICS]
+        + [f"{t} acc" for t in tasks]
+    )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rs:
         cells = [r["run"], r["variant"], "" if r["size_mib"] is None else f"{r['size_mib']:.1f}"]
@@ -88,8 +98,12 @@ def markdown(names: list[str], paths: list[Path], docs: dict[str, dict], rs: lis
             acc, se = a.get("acc"), a.get("acc_stderr")
             cells.append("" if acc is None else f"{acc:.3f}" + ("" if se is None else f" ± {se:.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Perplexity: exp(mean NLL) per dataset; KL: mean KL(reference || variant), nats/token; "
-              "top-1: fraction of tokens whose argmax matches the reference's; accuracy ± standard error.", ""]
+    lines += [
+        "",
+        "Perplexity: exp(mean NLL) per dataset; KL: mean KL(reference || variant), nats/token; "
+        "top-1: fraction of tokens whose argmax matches the reference's; accuracy ± standard error.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -97,8 +111,10 @@ def plot(names: list[str], rs: list[dict], path: Path) -> None:
     """PNG: perplexity on the first dataset common to all rows against size (MiB), one colour
     per run, each point labelled with its variant."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     common = [d for d in _union(rs, "perplexity") if all(r["perplexity"].get(d) is not None for r in rs)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if common:
@@ -107,8 +123,13 @@ def plot(names: list[str], rs: list[dict], path: Path) -> None:
             pts = [r for r in rs if r["run"] == n and r["size_mib"] is not None]
             ax.scatter([r["size_mib"] for r in pts], [r["perplexity"][ds] for r in pts], s=50, color=f"C{i}", label=n)
             for r in pts:
-                ax.annotate(r["variant"], (r["size_mib"], r["perplexity"][ds]), textcoords="offset points",
-                            xytext=(5, 3), fontsize=8)
+                ax.annotate(
+                    r["variant"],
+                    (r["size_mib"], r["perplexity"][ds]),
+                    textcoords="offset points",
+                    xytext=(5, 3),
+                    fontsize=8,
+                )
         ax.set_ylabel(f"perplexity on {ds}")
         ax.legend()
     else:
@@ -130,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)  # no RUN_DIR: argparse prints usage and exits 2
     try:
         if len({p.resolve() for p in a.runs}) < len(a.runs):
-            raise CompareError("the same RUN_DIR is given twice")
+            raise InputError("the same RUN_DIR is given twice")
         loaded = [load(p) for p in a.runs]
-    except CompareError as e:
+    except InputError as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
     names = [str(d.get("run_name") or p.name) for d, p in zip(loaded, a.runs)]
@@ -142,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rs = rows(docs)
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "compare.json", {"runs": names, "rows": rs})
-    tmp = a.out / "compare.md.tmp"
-    tmp.write_text(markdown(names, a.runs, docs, rs))
-    tmp.replace(a.out / "compare.md")
+    write_text(a.out / "compare.md", markdown(names, a.runs, docs, rs))
     plot(names, rs, a.out / "compare.png")
     print(a.out / "compare.md")
     return 0

@@ -10,6 +10,7 @@ KL divergence is ``KL(P_ref || P_variant) = sum_v p_ref(v) (log p_ref(v) - log p
 per predicted token, in nats, as in llama.cpp's ``perplexity --kl-divergence``.
 Top-1 agreement is the fraction of predicted tokens whose argmax matches the reference's.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,18 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Cut a 1-D token stream into ``[n, seq_len]`` non-overlapping windows (int64).
-
-    Raises:
-        ValueError: fewer than ``seq_len`` tokens.
-    """
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"need at least {seq_len} tokens for one window, got {len(ids)}")
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 @torch.no_grad()
@@ -49,7 +38,9 @@ def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """
     v = min(ref_logp.shape[-1], logp.shape[-1])
     r, q = ref_logp[:, :v].double(), logp[:, :v].double()
-    return (r.exp() * (r - q)).sum(-1).clamp_min(0.0)
+    p = r.exp()
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (r - q))  # 0 * log 0 = 0; NaN stays NaN
+    return terms.sum(-1).clamp_min(0.0)
 
 
 class ReferenceStore:
@@ -59,10 +50,20 @@ class ReferenceStore:
     Size: ``n_windows * (seq_len - 1) * vocab * 4`` bytes (2k tokens x 49k vocab: 0.4 GB).
     """
 
-    def __init__(self, n_windows: int, seq_len: int, vocab: int, folder: str | None = None):
+    def __init__(self, n_windows: int, seq_len: int, vocab: int, folder: str | Path | None = None):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self.vocab = vocab
         self._tmp = tempfile.TemporaryDirectory(dir=folder, prefix="reference-logprobs-")
-        self.arr = np.lib.format.open_memmap(Path(self._tmp.name) / "logp.npy", mode="w+", dtype=np.float32,
-                                             shape=(n_windows, seq_len - 1, vocab))
+        self.arr = np.lib.format.open_memmap(
+            Path(self._tmp.name) / "logp.npy", mode="w+", dtype=np.float32, shape=(n_windows, seq_len - 1, vocab)
+        )
+
+    def __enter__(self) -> "ReferenceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def put(self, i: int, logp: torch.Tensor) -> None:
         self.arr[i] = logp.numpy()
@@ -71,12 +72,18 @@ class ReferenceStore:
         return torch.from_numpy(np.asarray(self.arr[i]))
 
     def close(self) -> None:
-        del self.arr
-        self._tmp.cleanup()
+        if hasattr(self, "arr"):
+            del self.arr
+            self._tmp.cleanup()
 
 
-def score(model, wins: torch.Tensor, ref: ReferenceStore | None = None, store: ReferenceStore | None = None,
-          progress: str | None = None) -> dict:
+def score(
+    model,
+    wins: torch.Tensor,
+    ref: ReferenceStore | None = None,
+    store: ReferenceStore | None = None,
+    progress: str | None = None,
+) -> dict:
     """Score one model on windows ``[n, seq_len]``: perplexity, and against ``ref`` KL and top-1.
 
     ``store`` (when given) receives this model's log-probs (use it for the reference).
@@ -85,13 +92,16 @@ def score(model, wins: torch.Tensor, ref: ReferenceStore | None = None, store: R
         dict with ``perplexity``, ``nll_mean`` (nats/token), ``tokens`` (counted),
         ``nll_per_window`` (numpy float64 [n], summed NLL of each window, nats),
         and with ``ref``: ``kl_divergence`` (mean, nats/token), ``kl_median``, ``kl_p99``,
-        ``kl_max``, ``top1_agreement`` (fraction), ``kl_per_token`` (numpy float64 array).
+        ``kl_max``, ``top1_agreement`` (fraction), ``kl_per_token`` (numpy float64 array);
+        ``nonfinite``: windows whose log-probs (this model's, or the reference's) hold inf/NaN.
     """
     from tqdm import tqdm
-    nll_sum, count, kls, agree, per_window = 0.0, 0, [], 0, []
+
+    nll_sum, count, kls, agree, per_window, nonfinite = 0.0, 0, [], 0, [], 0
     it = tqdm(range(len(wins)), desc=progress, unit="win", disable=progress is None, leave=False)
     for i in it:
         logp = window_logprobs(model, wins[i])
+        bad = bool(torch.isnan(logp).any())  # inf/NaN logits give NaN log-probs
         tgt = wins[i, 1:]
         per_window.append(-logp.gather(1, tgt[:, None]).double().sum().item())
         nll_sum += per_window[-1]
@@ -100,14 +110,29 @@ def score(model, wins: torch.Tensor, ref: ReferenceStore | None = None, store: R
             store.put(i, logp)
         if ref is not None:
             r = ref.get(i)
+            bad = bad or bool(torch.isnan(r).any())
             kls.append(kl_per_token(r, logp).numpy())
             agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
-    out = {"nll_mean": nll_sum / count, "perplexity": math.exp(nll_sum / count), "tokens": count,
-           "nll_per_window": np.array(per_window)}
+        nonfinite += bad
+    mean = nll_sum / count
+    out = {
+        "nll_mean": mean,
+        "perplexity": math.exp(mean) if mean == mean and mean < 700 else float("inf"),
+        "tokens": count,
+        "nll_per_window": np.array(per_window),
+        "nonfinite": nonfinite,
+    }
     if ref is not None:
         from eval.stats import kl_summary
+
         k = np.concatenate(kls)
         ks = kl_summary(k)
-        out.update(kl_divergence=ks["mean"], kl_median=ks["median"], kl_p99=ks["p99"], kl_max=ks["max"],
-                   top1_agreement=agree / count, kl_per_token=k)
+        out.update(
+            kl_divergence=ks["mean"],
+            kl_median=ks["median"],
+            kl_p99=ks["p99"],
+            kl_max=ks["max"],
+            top1_agreement=agree / count,
+            kl_per_token=k,
+        )
     return out

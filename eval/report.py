@@ -7,50 +7,66 @@ tokens}`` (dicts keyed by eval dataset name), ``variants.<name>.accuracy`` (keye
 ``stages.<stage>.{seconds, peak_rss_bytes, ...}``; ``protocol``; ``config``; ``versions``;
 ``adapter_training`` (when the adapter folder has a ``train_record.json``).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.common import write_json
+from pipeline.common import write_json, write_text
+from pipeline.layout import versions
+from pipeline.records import read_records
 
 ORDER = ["reference", "merged", "merged-dequantized", "merged-original", "gptq", "base"]
-LABELS = {"reference": "reference (4-bit base + adapter, unmerged)", "merged": "merged (published)",
-          "merged-dequantized": "merged onto dequantized weights", "merged-original": "merged onto original weights",
-          "gptq": "GPTQ (reloaded)", "base": "base without adapter", "peft_4bit_merge": "PEFT 4-bit merge_and_unload",
-          "bnb_nf4": "merged, bitsandbytes NF4", "rtn": "merged, round-to-nearest"}
-
-
-def _stages(run_dir: Path) -> dict:
-    from pipeline.run import STAGES
-    files = {f.stem: f for f in (run_dir / "stages").glob("*.json")}
-    return {s: json.loads(files[s].read_text()) for s in sorted(files, key=lambda s: (STAGES + [s]).index(s))}
+LABELS = {
+    "reference": "reference (4-bit base + adapter, unmerged)",
+    "merged": "merged (published)",
+    "merged-dequantized": "merged onto dequantized weights",
+    "merged-original": "merged onto original weights",
+    "gptq": "GPTQ (reloaded)",
+    "base": "base without adapter",
+    "peft_4bit_merge": "PEFT 4-bit merge_and_unload",
+    "bnb_nf4": "merged, bitsandbytes NF4",
+    "rtn": "merged, round-to-nearest",
+}
 
 
 def build(cfg, results: dict) -> dict:
     """The ``report.json`` document from per-variant ``results`` and the run folder's records."""
-    from pipeline.run import versions
-    rd = cfg.run_dir
-    stages = _stages(rd)
+    stages = read_records(cfg.layout)
     ver = stages.get("verify", {})
     variants = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in results.items()}
     train_rec = Path(cfg.adapter.paths[0]) / "train_record.json"
     doc = {
         "run_name": cfg.output.run_name,
         "variants": variants,
-        "verification": {k: ver.get(k) for k in ("passed", "kl_divergence", "kl_max", "top1_agreement", "max_kl",
-                                                  "problems", "merge_base", "merge_base_reason", "candidates")},
+        "verification": {
+            k: ver.get(k)
+            for k in (
+                "passed",
+                "kl_divergence",
+                "kl_max",
+                "top1_agreement",
+                "max_kl",
+                "problems",
+                "merge_base",
+                "merge_base_reason",
+                "candidates",
+            )
+        },
         "stages": stages,
-        "protocol": {"perplexity": f"non-overlapping windows of {cfg.eval.seq_len} tokens (stride {cfg.eval.seq_len}), "
-                                   f"{cfg.eval.seq_len - 1} predicted tokens counted per window, exp(mean NLL)",
-                     "kl_divergence": "mean over predicted tokens of KL(P_reference || P_variant), nats/token",
-                     "top1_agreement": "fraction of predicted tokens whose argmax equals the reference's",
-                     "compute": "on CPU every variant but the 4-bit reference runs in float32 (weights upcast exactly)",
-                     "size_bytes": "files on disk; reference and in-memory baselines: memory footprint (+ adapter file)",
-                     "perplexity_ratio": f"variant/reference perplexity; 95% interval by paired bootstrap over windows "
-                                         f"({cfg.eval.bootstrap} resamples)",
-                     "accuracy_paired": "per task: accuracy difference to the reference over the same items, exact "
-                                        "McNemar test (significant: p < 0.05)"},
+        "protocol": {
+            "perplexity": f"non-overlapping windows of {cfg.eval.seq_len} tokens (stride {cfg.eval.seq_len}), "
+            f"{cfg.eval.seq_len - 1} predicted tokens counted per window, exp(mean NLL)",
+            "kl_divergence": "mean over predicted tokens of KL(P_reference || P_variant), nats/token",
+            "top1_agreement": "fraction of predicted tokens whose argmax equals the reference's",
+            "compute": "on CPU every variant but the 4-bit reference runs in float32 (weights upcast exactly)",
+            "size_bytes": "files on disk; reference and in-memory baselines: memory footprint (+ adapter file)",
+            "perplexity_ratio": f"variant/reference perplexity; 95% interval by paired bootstrap over windows "
+            f"({cfg.eval.bootstrap} resamples)",
+            "accuracy_paired": "per task: accuracy difference to the reference over the same items, exact "
+            "McNemar test (significant: p < 0.05)",
+        },
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
@@ -74,19 +90,28 @@ def markdown(doc: dict) -> str:
     lines = [f"# Quality-loss report: {doc['run_name']}", ""]
     ver = doc["verification"]
     if ver.get("passed") is not None:
-        lines += [f"Merge verification: **{'passed' if ver['passed'] else 'FAILED'}** "
-                  f"(KL(reference || merged) {ver['kl_divergence']:.3g} nats/token, bound {ver['max_kl']:g}).", ""]
+        lines += [
+            f"Merge verification: **{'passed' if ver['passed'] else 'FAILED'}** "
+            f"(KL(reference || merged) {ver['kl_divergence']:.3g} nats/token, bound {ver['max_kl']:g}).",
+            "",
+        ]
     if ver.get("merge_base"):
         lines += [f"Merge base: **{ver['merge_base']}** ({ver['merge_base_reason']}).", ""]
         cands = ver.get("candidates") or {}
         if cands:
-            lines += ["| merge base | exact (KL to its unmerged model) | KL to reference | perplexity (verify text) | passed |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {b} | {c['exact_kl']:.3g} | {c['kl_divergence']:.4g} | {c['perplexity']:.4f} | {c['passed']} |"
-                      for b, c in cands.items()] + [""]
+            lines += [
+                "| merge base | exact (KL to its unmerged model) | KL to reference | perplexity (verify text) | passed |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {b} | {c['exact_kl']:.3g} | {c['kl_divergence']:.4g} | {c['perplexity']:.4f} | {c['passed']} |"
+                for b, c in cands.items()
+            ] + [""]
     for ds in datasets:
-        head = ("| variant | size | perplexity | ratio to reference [95% CI] | KL mean | KL median | KL p99 | KL max "
-                "| top-1 agreement |")
+        head = (
+            "| variant | size | perplexity | ratio to reference [95% CI] | KL mean | KL median | KL p99 | KL max "
+            "| top-1 agreement |"
+        )
         for t in tasks:
             head += f" {t} acc (Δ, McNemar p) |"
         lines += [f"## {ds}", "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -100,37 +125,62 @@ def markdown(doc: dict) -> str:
                 ratio = f"{pr['ratio']:.4f}{ci}"
             ks = r.get("kl_stats", {}).get(ds, {})
             kl = lambda k: "" if ks.get(k) is None else f"{ks[k]:.4g}"  # noqa: E731
-            row = (f"| {LABELS.get(n, n)} | {_fmt_size(r['size_bytes'])} | {ppl:.3f} | {ratio} | "
-                   f"{r['kl_divergence'].get(ds, 0):.4g} | {kl('kl_median')} | {kl('kl_p99')} | {kl('kl_max')} | "
-                   f"{r['top1_agreement'].get(ds, 1):.4f} |")
+            row = (
+                f"| {LABELS.get(n, n)} | {_fmt_size(r['size_bytes'])} | {ppl:.3f} | {ratio} | "
+                f"{r['kl_divergence'].get(ds, 0):.4g} | {kl('kl_median')} | {kl('kl_p99')} | {kl('kl_max')} | "
+                f"{r['top1_agreement'].get(ds, 1):.4f} |"
+            )
             for t in tasks:
                 a, pa = r.get("accuracy", {}).get(t), r.get("accuracy_paired", {}).get(t)
                 cell = f" {a['acc']:.3f} ± {a['acc_stderr']:.3f}" if a else " "
                 if pa:
-                    cell += f" ({pa['delta']:+.3f}, p={pa['p_value']:.3g}{', significant' if pa['significant'] else ''})"
+                    cell += (
+                        f" ({pa['delta']:+.3f}, p={pa['p_value']:.3g}{', significant' if pa['significant'] else ''})"
+                    )
                 row += cell + " |"
             lines.append(row)
         lines.append("")
     rq = doc["stages"].get("requantize", {})
     if rq.get("budget"):
         b = rq["budget"]
-        lim = ", ".join(x for x in (f"perplexity +{100 * b['max_perplexity_increase']:g}%" if b["max_perplexity_increase"] else "",
-                                    f"KL ≤ {b['max_kl']:g}" if b["max_kl"] else "") if x)
-        lines += ["## Quality budget", "", f"Budget: {lim} against the reference on '{b['data']}'. Settings tried from "
-                  f"the smallest checkpoint up; kept: **{b['chosen'] or 'none'}**.", "",
-                  "| setting | bits/weight | perplexity | Δ vs reference | KL | top-1 | verdict |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t['bits']}-bit g{t['group_size']}{' act-order' if t['desc_act'] else ''} | {t['bits_per_weight']} | "
-                  f"{t['perplexity']:.3f} | {t['perplexity_increase']:+.2%} | {t['kl_divergence']:.4g} | "
-                  f"{t['top1_agreement']:.4f} | {'kept' if t['within_budget'] else 'rejected'} |" for t in b["tried"]] + [""]
+        lim = ", ".join(
+            x
+            for x in (
+                f"perplexity +{100 * b['max_perplexity_increase']:g}%" if b["max_perplexity_increase"] else "",
+                f"KL ≤ {b['max_kl']:g}" if b["max_kl"] else "",
+            )
+            if x
+        )
+        lines += [
+            "## Quality budget",
+            "",
+            f"Budget: {lim} against the reference on '{b['data']}'. Settings tried from "
+            f"the smallest checkpoint up; kept: **{b['chosen'] or 'none'}**.",
+            "",
+            "| setting | bits/weight | perplexity | Δ vs reference | KL | top-1 | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {t['bits']}-bit g{t['group_size']}{' act-order' if t['desc_act'] else ''} | {t['bits_per_weight']} | "
+            f"{t['perplexity']:.3f} | {t['perplexity_increase']:+.2%} | {t['kl_divergence']:.4g} | "
+            f"{t['top1_agreement']:.4f} | {'kept' if t['within_budget'] else 'rejected'} |"
+            for t in b["tried"]
+        ] + [""]
     lines += ["## Protocol", ""] + [f"- {k}: {val}" for k, val in doc["protocol"].items()] + [""]
     if "adapter_training" in doc:
         t = doc["adapter_training"]
-        lines += ["## Adapter training (demo)", "",
-                  f"Held-out loss {t['heldout_loss_before']:.3f} → {t['heldout_loss_after']:.3f} "
-                  f"after {t['steps']} steps ({t['train_tokens']} tokens, {t['train_seconds']} s).", ""]
+        lines += [
+            "## Adapter training (demo)",
+            "",
+            f"Held-out loss {t['heldout_loss_before']:.3f} → {t['heldout_loss_after']:.3f} "
+            f"after {t['steps']} steps ({t['train_tokens']} tokens, {t['train_seconds']} s).",
+            "",
+        ]
     lines += ["## Stages", "", "| stage | status | seconds | peak RSS |", "|---|---|---|---|"]
     for s, r in doc["stages"].items():
-        lines.append(f"| {s} | {r.get('status')} | {r.get('seconds', 0):.1f} | {_fmt_size(r.get('peak_rss_bytes', 0))} |")
+        lines.append(
+            f"| {s} | {r.get('status')} | {r.get('seconds', 0):.1f} | {_fmt_size(r.get('peak_rss_bytes', 0))} |"
+        )
     lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in doc["versions"].items() if val), ""]
     return "\n".join(lines)
 
@@ -138,9 +188,11 @@ def markdown(doc: dict) -> str:
 def plot(doc: dict, results: dict, path: Path) -> None:
     """PNG: perplexity against size per variant (left), KL distribution per variant (right)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     v = doc["variants"]
     ds = next(iter(next(iter(v.values()))["perplexity"]))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -161,8 +213,10 @@ def plot(doc: dict, results: dict, path: Path) -> None:
     b.set_title(f"KL distribution on {ds}")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)
 
 
 def model_card(doc: dict) -> str:
@@ -172,37 +226,51 @@ def model_card(doc: dict) -> str:
     g = v.get("gptq", {})
     rq = doc["stages"].get("requantize", {})
     ver = doc["verification"]
-    adapters = c["adapter"]["path"] or ", ".join(f"{a['path']} x{a['weight']}" for a in c["adapter"]["combine"]["adapters"])
-    lines = ["# Model card: merged QLoRA fine-tune, GPTQ", "",
-             f"- **Base model**: `{c['base']['path']}`; **adapter**: `{adapters}`.",
-             f"- **Merge**: LoRA delta added to the {ver.get('merge_base', 'dequantized')} weights "
-             f"({c['dequantize']['quant_type'].upper()}, double quantization {c['dequantize']['double_quant']}); "
-             f"checked against the unmerged model: KL {ver['kl_divergence']:.3g} nats/token (bound {ver['max_kl']:g}).",
-             f"- **Quantization**: GPTQ (GPTQModel) {rq.get('bits')}-bit, group size {rq.get('group_size')}, "
-             f"act-order {rq.get('desc_act')}, symmetric {rq.get('sym')}, calibration set '{rq.get('calibration')}' "
-             f"({rq.get('calibration_tokens')} tokens).", "", "## What it lost", "",
-             "Against the fine-tuned model as trained (4-bit base + adapter, unmerged):", ""]
+    adapters = c["adapter"]["path"] or ", ".join(
+        f"{a['path']} x{a['weight']}" for a in c["adapter"]["combine"]["adapters"]
+    )
+    lines = [
+        "# Model card: merged QLoRA fine-tune, GPTQ",
+        "",
+        f"- **Base model**: `{c['base']['path']}`; **adapter**: `{adapters}`.",
+        f"- **Merge**: LoRA delta added to the {ver.get('merge_base', 'dequantized')} weights "
+        f"({c['dequantize']['quant_type'].upper()}, double quantization {c['dequantize']['double_quant']}); "
+        f"checked against the unmerged model: KL {ver['kl_divergence']:.3g} nats/token (bound {ver['max_kl']:g}).",
+        f"- **Quantization**: GPTQ (GPTQModel) {rq.get('bits')}-bit, group size {rq.get('group_size')}, "
+        f"act-order {rq.get('desc_act')}, symmetric {rq.get('sym')}, calibration set '{rq.get('calibration')}' "
+        f"({rq.get('calibration_tokens')} tokens).",
+        "",
+        "## What it lost",
+        "",
+        "Against the fine-tuned model as trained (4-bit base + adapter, unmerged):",
+        "",
+    ]
     for ds, ppl in g.get("perplexity", {}).items():
         pr = g.get("perplexity_ratio", {}).get(ds, {})
         ci = f" (95% CI {pr['ci_low']:.3f}-{pr['ci_high']:.3f})" if pr.get("ci_low") is not None else ""
-        lines.append(f"- {ds}: perplexity {v['reference']['perplexity'][ds]:.3f} → {ppl:.3f}, ratio "
-                     f"{pr.get('ratio', float('nan')):.3f}{ci}; KL {g['kl_divergence'][ds]:.4g} nats/token; "
-                     f"top-1 agreement {g['top1_agreement'][ds]:.3f}.")
+        lines.append(
+            f"- {ds}: perplexity {v['reference']['perplexity'][ds]:.3f} → {ppl:.3f}, ratio "
+            f"{pr.get('ratio', float('nan')):.3f}{ci}; KL {g['kl_divergence'][ds]:.4g} nats/token; "
+            f"top-1 agreement {g['top1_agreement'][ds]:.3f}."
+        )
     for t, a in g.get("accuracy", {}).items():
         pa = g.get("accuracy_paired", {}).get(t, {})
-        lines.append(f"- {t}: accuracy {v['reference']['accuracy'][t]['acc']:.3f} → {a['acc']:.3f}"
-                     + (f" (McNemar p = {pa['p_value']:.3g})" if pa else "") + ".")
+        lines.append(
+            f"- {t}: accuracy {v['reference']['accuracy'][t]['acc']:.3f} → {a['acc']:.3f}"
+            + (f" (McNemar p = {pa['p_value']:.3g})" if pa else "")
+            + "."
+        )
     lines += ["", "Produced by qlora-merge; full report: `../report.md` (beside this checkpoint's folder).", ""]
     return "\n".join(lines)
 
 
 def write(cfg, results: dict) -> Path:
     """Write ``report.json``, ``report.md`` and ``report.png`` into the run folder; returns the JSON path."""
-    rd = cfg.run_dir
+    layout = cfg.layout
     doc = build(cfg, results)
-    write_json(rd / "report.json", doc)
-    (rd / "report.md").write_text(markdown(doc))
-    if "gptq" in doc["variants"] and (rd / "gptq").is_dir():
-        (rd / "gptq" / "README.md").write_text(model_card(doc))
-    plot(doc, results, rd / "report.png")
-    return rd / "report.json"
+    write_json(layout.report_json, doc)
+    write_text(layout.report_md, markdown(doc))
+    if "gptq" in doc["variants"] and layout.gptq.is_dir():
+        write_text(layout.gptq / "README.md", model_card(doc))
+    plot(doc, results, layout.report_png)
+    return layout.report_json

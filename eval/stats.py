@@ -11,14 +11,21 @@ or within the noise of a finite evaluation set?
   BMC Med. Res. Methodol. 13:91), via ``scipy.stats.binomtest``.
 - KL summary statistics of a per-token KL array (as ``eval.metrics.score`` reports them).
 """
+
 from __future__ import annotations
 
 import numpy as np
 from scipy.stats import binomtest
 
 
-def perplexity_ratio_ci(nll_ref: np.ndarray, nll_var: np.ndarray, tokens_per_window: int | np.ndarray,
-                        n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+def perplexity_ratio_ci(
+    nll_ref: np.ndarray,
+    nll_var: np.ndarray,
+    tokens_per_window: int | np.ndarray,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """``ppl_var / ppl_ref`` on the same windows, with a paired bootstrap percentile CI.
 
     Args:
@@ -52,8 +59,15 @@ def perplexity_ratio_ci(nll_ref: np.ndarray, nll_var: np.ndarray, tokens_per_win
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     diff = var - ref
-    out = {"ratio": float(np.exp(diff.sum() / tok.sum())), "ci_low": None, "ci_high": None, "n_windows": n,
-           "n_boot": n_boot, "alpha": alpha, "method": "paired bootstrap over windows"}
+    out = {
+        "ratio": float(np.exp(diff.sum() / tok.sum())),
+        "ci_low": None,
+        "ci_high": None,
+        "n_windows": n,
+        "n_boot": n_boot,
+        "alpha": alpha,
+        "method": "paired bootstrap over windows",
+    }
     if n > 1:
         idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
         boot = np.exp(diff[idx].sum(1) / tok[idx].sum(1))
@@ -88,8 +102,17 @@ def paired_accuracy(ref: list[int], var: list[int]) -> dict:
     disc = ref_only + var_only
     p = float(binomtest(ref_only, disc, 0.5, alternative="two-sided").pvalue) if disc else 1.0
     acc_ref, acc_var = float(r.mean()), float(v.mean())
-    return {"acc_ref": acc_ref, "acc_var": acc_var, "delta": acc_var - acc_ref, "n": len(r), "ref_only": ref_only,
-            "var_only": var_only, "p_value": p, "significant": p < 0.05, "method": "exact McNemar"}
+    return {
+        "acc_ref": acc_ref,
+        "acc_var": acc_var,
+        "delta": acc_var - acc_ref,
+        "n": len(r),
+        "ref_only": ref_only,
+        "var_only": var_only,
+        "p_value": p,
+        "significant": p < 0.05,
+        "method": "exact McNemar",
+    }
 
 
 def kl_summary(kl_per_token: np.ndarray) -> dict:
@@ -103,5 +126,9 @@ def kl_summary(kl_per_token: np.ndarray) -> dict:
     k = np.asarray(kl_per_token, dtype=np.float64).ravel()
     if k.size == 0:
         raise ValueError("empty KL array")
-    return {"mean": float(k.mean()), "median": float(np.median(k)), "p99": float(np.percentile(k, 99)),
-            "max": float(k.max())}
+    return {
+        "mean": float(k.mean()),
+        "median": float(np.median(k)),
+        "p99": float(np.percentile(k, 99)),
+        "max": float(k.max()),
+    }

@@ -4,6 +4,7 @@ memory per stage (each stage in its own process), written to ``<out>/bench.md`` 
 Usage: ``python -m pipeline.bench [--config configs/smollm2-135m-demo.yaml] [--out runs/bench]``
 (``make bench``). Timings belong here, never in tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,7 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 
 def main(argv=None) -> int:
@@ -22,25 +20,31 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/smollm2-135m-demo.yaml")
     ap.add_argument("--out", default="runs/bench")
     a = ap.parse_args(argv)
+    from pipeline.common import quiet_libraries
     from pipeline.config import load_config
-    from pipeline.run import run_all, versions
-    raw = yaml.safe_load(Path(a.config).read_text())
-    out = Path(a.out)
-    raw["output"] = {"dir": str(out.parent), "run_name": out.name}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(raw, f)
-    try:
-        rc = run_all(f.name, load_config(f.name))
-    finally:
-        os.unlink(f.name)
+    from pipeline.layout import versions
+    from pipeline.run import run_all
+
+    quiet_libraries()
+    out = Path(a.out).resolve()
+    rc = run_all(load_config(a.config, {"output": {"dir": str(out.parent), "run_name": out.name}}))
     stages = {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
-    rows = {s: {"seconds": r.get("seconds"), "peak_rss_bytes": r.get("peak_rss_bytes"), "status": r.get("status")}
-            for s, r in stages.items()}
-    doc = {"config": a.config, "cpu_count": os.cpu_count(), "machine": platform.machine(), "versions": versions(),
-           "stages": rows, "total_seconds": round(sum(r["seconds"] or 0 for r in rows.values()), 1)}
+    rows = {
+        s: {"seconds": r.get("seconds"), "peak_rss_bytes": r.get("peak_rss_bytes"), "status": r.get("status")}
+        for s, r in stages.items()
+    }
+    doc = {
+        "config": a.config,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "versions": versions(),
+        "stages": rows,
+        "total_seconds": round(sum(r["seconds"] or 0 for r in rows.values()), 1),
+    }
     (out / "bench.json").write_text(json.dumps(doc, indent=2))
     md = ["| stage | seconds | peak RSS (MiB) |", "|---|---|---|"] + [
-        f"| {s} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |" for s, r in rows.items()]
+        f"| {s} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |" for s, r in rows.items()
+    ]
     (out / "bench.md").write_text("\n".join(md) + f"\n\nTotal: {doc['total_seconds']} s on {os.cpu_count()} cores.\n")
     print("\n".join(md))
     return rc

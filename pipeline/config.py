@@ -4,6 +4,7 @@ Sections: ``base``, ``adapter``, ``output`` and one per stage (``dequantize``,
 ``merge``, ``verify``, ``requantize``, ``eval``). Unknown keys, wrong types and
 missing local paths are refused with :class:`InputError` (exit code 2).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,15 +42,24 @@ class TextSource(_Strict):
 
     name: str = "text"
     source: Literal["embedded", "file", "hub"] = "embedded"
-    format: Literal["text", "alpaca"] = Field("text", description="alpaca: a JSON list of instruction records, "
-                                              "rendered with the training prompt; split every 10th record held out")
+    format: Literal["text", "alpaca"] = Field(
+        "text",
+        description="alpaca: a JSON list of instruction records, "
+        "rendered with the training prompt; split every 10th record held out",
+    )
     path: Optional[str] = None
     split: Literal["train", "heldout", "all"] = "heldout"
     text_field: str = "text"
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
     hub_split: str = "test"
-    max_tokens: int = Field(4096, gt=0, description="tokens taken from the start of the corpus")
+    max_tokens: Optional[int] = Field(
+        None,
+        gt=0,
+        description="tokens taken from the start of the corpus; default: "
+        "what its use needs (calibration: 4 x num_samples x seq_len, verify: "
+        "max(1024, 2 x seq_len), eval: max(4096, 8 x seq_len))",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TextSource":
@@ -75,8 +85,19 @@ class CombineSection(_Strict):
     """Several LoRA adapters combined into one with PEFT's ``add_weighted_adapter``."""
 
     adapters: list[WeightedAdapter] = Field(..., min_length=2)
-    method: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = "linear"
+    method: Literal[
+        "linear",
+        "cat",
+        "svd",
+        "ties",
+        "ties_svd",
+        "dare_linear",
+        "dare_ties",
+        "dare_linear_svd",
+        "dare_ties_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    ] = "linear"
     density: Optional[float] = Field(None, gt=0, le=1, description="kept fraction for TIES / DARE / magnitude pruning")
     seed: int = 0
 
@@ -90,7 +111,11 @@ class AdapterSection(_Strict):
     def _one(self) -> "AdapterSection":
         if (self.path is None) == (self.combine is None):
             raise ValueError("give exactly one of 'path' (one adapter) or 'combine' (several)")
-        if self.combine and self.combine.method.startswith(("ties", "dare", "magnitude")) and self.combine.density is None:
+        if (
+            self.combine
+            and self.combine.method.startswith(("ties", "dare", "magnitude"))
+            and self.combine.density is None
+        ):
             raise ValueError(f"combine.method '{self.combine.method}' needs 'density'")
         return self
 
@@ -101,8 +126,9 @@ class AdapterSection(_Strict):
 
 class OutputSection(_Strict):
     dir: str = "runs"
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                          description="letters, digits, '.', '_', '-'; no slashes")
+    run_name: str = Field(
+        "run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="letters, digits, '.', '_', '-'; no slashes"
+    )
 
 
 class DequantizeSection(_Strict):
@@ -113,7 +139,31 @@ class DequantizeSection(_Strict):
     compute_dtype: Dtype = "bfloat16"
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     dtype: Optional[Dtype] = Field(None, description="output dtype; default: the base checkpoint's own dtype")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save: bool = Field(
+        True,
+        description="write dequantized/ (the eval 'base' variant needs it; the merge streams "
+        "from the base checkpoint itself)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "device" in data:
+            raise ValueError("'dequantize.device' moved to 'runtime.device' (auto, cpu or cuda); move the key there")
+        return data
+
+
+class RuntimeSection(_Strict):
+    """How to run (not what): the same config gives the same artefacts on any runtime."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when available under auto, else cpu")
+    threads: Optional[int] = Field(None, gt=0, description="torch CPU threads; default: torch's own choice")
+    offload: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run verify/evaluate one decoder layer at a time and GPTQ with GPTQModel's disk offload: "
+        "on, off, or auto (on when a model in float32 does not fit in half the free memory)",
+    )
+    shard_size_gb: float = Field(5.0, gt=0, description="size cap of each safetensors shard written (GB)")
 
 
 class MergeSection(_Strict):
@@ -128,7 +178,7 @@ class MergeSection(_Strict):
 
 class VerifySection(_Strict):
     max_kl: Optional[float] = Field(None, gt=0, description="nats/token; default depends on dtype")
-    data: TextSource = TextSource(name="verify", split="heldout", max_tokens=1024)
+    data: TextSource = TextSource(name="verify", split="heldout")
     seq_len: int = Field(512, gt=1)
 
 
@@ -141,7 +191,7 @@ class RequantizeSection(_Strict):
     damp_percent: float = Field(0.01, gt=0, lt=1)
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
-    calibration: TextSource = TextSource(name="calibration", split="train", max_tokens=10**9)
+    calibration: TextSource = TextSource(name="calibration", split="train")
     alternatives: list[GPTQSetting] = Field([], description="extra GPTQ checkpoints, evaluated as baselines")
     budget: Optional[BudgetSection] = None
 
@@ -152,7 +202,6 @@ class RequantizeSection(_Strict):
 
 
 class EvalSection(_Strict):
-    enabled: bool = True
     datasets: list[TextSource] = Field([TextSource(name="pydoc-heldout", split="heldout")], min_length=1)
     seq_len: int = Field(512, gt=1, description="context length of each perplexity window (tokens)")
     tasks: list[str] = ["pydoc_cloze"]
@@ -160,7 +209,8 @@ class EvalSection(_Strict):
     task_limit: Optional[int] = Field(None, gt=0)
     variants: list[Literal["reference", "merged", "gptq", "base"]] = ["reference", "merged", "gptq", "base"]
     baselines: list[Literal["peft_4bit_merge", "rtn", "bnb_nf4"]] = Field(
-        [], description="extra variants built in memory from the merged model or the 4-bit base")
+        [], description="extra variants built in memory from the merged model or the 4-bit base"
+    )
     bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for perplexity-ratio intervals")
     batch_size: int = Field(8, gt=0)
 
@@ -198,6 +248,7 @@ class Config(_Strict):
     base: BaseSection
     adapter: AdapterSection
     output: OutputSection = OutputSection()
+    runtime: RuntimeSection = RuntimeSection()
     dequantize: DequantizeSection = DequantizeSection()
     merge: MergeSection = MergeSection()
     verify: VerifySection = VerifySection()
@@ -209,56 +260,117 @@ class Config(_Strict):
         return Path(self.output.dir) / self.output.run_name
 
     @property
+    def layout(self):
+        """The run folder's :class:`pipeline.layout.RunLayout`."""
+        from pipeline.layout import RunLayout
+
+        return RunLayout(self.run_dir)
+
+    @property
+    def effective_adapter(self) -> str:
+        """The adapter the run merges: ``adapter.path``, or the combined adapter the merge stage
+        writes to ``adapter-combined/`` when ``adapter.combine`` is set."""
+        return self.adapter.path or str(self.layout.combined_adapter)
+
+    @property
     def out_dtype(self) -> str:
-        """The output dtype: ``dequantize.dtype``, else the base's ``config.json`` dtype, else float16."""
+        """The output dtype: ``dequantize.dtype``, else the base checkpoint's own dtype (its
+        ``bnb_4bit_compute_dtype`` for a base saved in 4-bit), else float16."""
         if self.dequantize.dtype:
             return self.dequantize.dtype
-        f = Path(self.base.path) / "config.json"
-        if f.is_file():
-            import json
-            c = json.loads(f.read_text())
-            d = str(c.get("dtype") or c.get("torch_dtype") or "")
-            if c.get("quantization_config", {}).get("bnb_4bit_compute_dtype"):
-                d = c["quantization_config"]["bnb_4bit_compute_dtype"]
-            if d in ("float16", "bfloat16", "float32"):
-                return d
-        return "float16"
+        from pipeline.checkpoint import stored_dtype
+
+        return stored_dtype(self.base.path) or "float16"
+
+    def text_sources(self) -> list[tuple[str, TextSource]]:
+        """Every text source of the config with its key, e.g. ``("eval.datasets[0]", src)``."""
+        out = [("verify.data", self.verify.data), ("requantize.calibration", self.requantize.calibration)]
+        return out + [(f"eval.datasets[{i}]", d) for i, d in enumerate(self.eval.datasets)]
 
 
-def _is_hub_id(s: str) -> bool:
+def is_hub_id(s: str) -> bool:
+    """True for a string of the hub's ``owner/name`` form (not a relative or absolute path)."""
     return bool(_HUB_ID.match(s)) and not s.startswith((".", "/"))
 
 
-def _check_paths(cfg: Config) -> None:
-    for what, p in (("base.path", cfg.base.path), *(("adapter.path", a) for a in cfg.adapter.paths)):
-        if not os.path.exists(p) and not _is_hub_id(p):
-            raise InputError(f"{what}: '{p}' is neither an existing folder nor a hub id (owner/name). "
-                             "Fix the path in the config, or run `make demo` for the demo files.")
-        if not os.path.exists(p) and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise InputError(f"{what}: '{p}' does not exist locally and HF_HUB_OFFLINE=1 forbids the hub. "
-                             "Point it at a local folder.")
-    sources = [cfg.verify.data, cfg.requantize.calibration, *cfg.eval.datasets]
-    for s in sources:
-        if s.source == "file" and not os.path.isfile(s.path):
-            raise InputError(f"text source '{s.name}': file '{s.path}' not found.")
-
-
-def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Config:
-    """Read and validate a YAML config.
-
-    Relative paths in the file are taken relative to the current directory (the repo
-    root when run through ``make``).
+def _resolve(value: str, root: Path, key: str) -> str:
+    """A model path from the config: an existing local path (relative paths are taken against the
+    config file's folder ``root``), else a hub id of the ``owner/name`` form.
 
     Raises:
-        InputError: file missing, not YAML, unknown key, wrong type, or a path that
-            does not exist (the message names the key and what to do).
+        InputError: neither; or a hub id while ``HF_HUB_OFFLINE=1``. The message says where it looked.
+    """
+    p = Path(value).expanduser()
+    local = p if p.is_absolute() else (root / p)
+    if local.exists():
+        return str(local.resolve())
+    if not is_hub_id(value):
+        raise InputError(
+            f"{key}: '{value}' is not a local path (looked for '{local}', relative paths are taken "
+            "against the config file's folder) and not a hub id (owner/name). Fix the path in the "
+            "config, or run `make demo` for the demo files."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise InputError(
+            f"{key}: '{value}' is not a local path (looked for '{local}') and, taken as a hub id, "
+            "cannot be fetched: HF_HUB_OFFLINE=1 forbids the hub. Point it at a local folder."
+        )
+    return value
+
+
+def _resolve_paths(cfg: Config, root: Path) -> Config:
+    """``cfg`` with every relative path taken against ``root`` (the config file's folder)."""
+
+    def local(value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (root / p).resolve())
+
+    cfg.base.path = _resolve(cfg.base.path, root, "base.path")
+    if cfg.adapter.path:
+        cfg.adapter.path = _resolve(cfg.adapter.path, root, "adapter.path")
+    for i, a in enumerate(cfg.adapter.combine.adapters if cfg.adapter.combine else []):
+        a.path = _resolve(a.path, root, f"adapter.combine.adapters[{i}].path")
+    cfg.output.dir = local(cfg.output.dir)
+    cfg.eval.task_dir = local(cfg.eval.task_dir)
+    for _, src in cfg.text_sources():
+        src.path = local(src.path)
+    return cfg
+
+
+def check_text_files(cfg: Config) -> None:
+    """Refuse a ``source: file`` text source whose file is missing.
+
+    Raises:
+        InputError: naming the config key and the file.
+    """
+    for key, s in cfg.text_sources():
+        if s.source == "file" and not os.path.isfile(s.path):
+            raise InputError(f"{key} (text source '{s.name}'): file '{s.path}' not found.")
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[dict] = None, check_paths: bool = True) -> Config:
+    """Read and validate a YAML config.
+
+    Relative paths in the file (models, text files, ``output.dir``, ``eval.task_dir``) are
+    taken relative to the config file's folder. A model path that is not a local path is
+    taken as a hub id only if it has the ``owner/name`` form.
+
+    ``check_paths=False`` validates a config meant for another machine (a GPU host, a hub
+    user): its paths may be absent here.
+
+    Raises:
+        InputError: file missing, not YAML, unknown key, a moved key, wrong type, or a path
+            that does not exist (the message names the key and what to do).
     """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"config file '{p}' not found. Pass CONFIG=configs/<name>.yaml.")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
+        with open(p, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"config '{p}' is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise InputError(f"config '{p}' must be a YAML mapping with sections base, adapter, output, ...")
@@ -270,8 +382,16 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Co
         lines = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key (check spelling; see README config reference)" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = (
+                "unknown key (check spelling; see README config reference)"
+                if err["type"] == "extra_forbidden"
+                else err["msg"].removeprefix("Value error, ")
+            )
             lines.append(f"  {loc}: {msg}")
         raise InputError(f"config '{p}' is invalid:\n" + "\n".join(lines)) from None
-    _check_paths(cfg)
+    root = p.resolve().parent
+    if not check_paths:
+        return cfg
+    cfg = _resolve_paths(cfg, root)
+    check_text_files(cfg)
     return cfg

@@ -9,17 +9,18 @@
 
 Usage: ``python -m pipeline.demo [--out build/demo] [--steps 40]``; reruns reuse the cache.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import random
 import time
 from pathlib import Path
 
-from pipeline.common import alpaca_prompt, embedded_topics, log, publish_dir, write_json
+from pipeline.common import log, publish_dir, quiet_libraries, write_json
+from pipeline.textdata import HELDOUT_EVERY, alpaca_prompt, alpaca_records, embedded_topics, in_split
 
 import torch  # noqa: E402
 
@@ -40,6 +41,7 @@ def prepare_base(out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log(f"demo: converting {GGUF_FILE} to safetensors at {out}")
     d = gguf_dir()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
@@ -55,8 +57,12 @@ def training_docs(data: str) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: pydoc topics split by topic, or Alpaca records (every 10th held out)."""
     if data == "pydoc":
         return embedded_topics("train"), embedded_topics("heldout")
-    docs = [alpaca_prompt(r) for r in json.loads(Path(data).read_text())]
-    return [d for i, d in enumerate(docs) if i % 10], [d for i, d in enumerate(docs) if not i % 10]
+    docs = [alpaca_prompt(r) for r in alpaca_records(data)]
+    every = HELDOUT_EVERY["alpaca"]
+    return (
+        [d for i, d in enumerate(docs) if in_split(i, every, "train")],
+        [d for i, d in enumerate(docs) if in_split(i, every, "heldout")],
+    )
 
 
 def _chunks(tok, docs: list[str], seq_len: int) -> torch.Tensor:
@@ -67,12 +73,22 @@ def _chunks(tok, docs: list[str], seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _mean_loss(model, chunks: torch.Tensor, bs: int) -> float:
-    losses = [model(input_ids=chunks[i:i + bs], labels=chunks[i:i + bs]).loss.item() for i in range(0, len(chunks), bs)]
+    losses = [
+        model(input_ids=chunks[i : i + bs], labels=chunks[i : i + bs]).loss.item() for i in range(0, len(chunks), bs)
+    ]
     return sum(losses) / len(losses)
 
 
-def train_adapter(base: Path, out: Path, data: str = "pydoc", steps: int = 40, seq_len: int = 128,
-                  batch_size: int = 8, lr: float = 1e-3, seed: int = 0) -> Path:
+def train_adapter(
+    base: Path,
+    out: Path,
+    data: str = "pydoc",
+    steps: int = 40,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> Path:
     """Train a QLoRA adapter on the 4-bit base and save it (PEFT format) at ``out`` (cached).
 
     ``steps * batch_size * seq_len`` tokens of training; 40 x 8 x 128 (41k tokens) takes
@@ -80,20 +96,20 @@ def train_adapter(base: Path, out: Path, data: str = "pydoc", steps: int = 40, s
     """
     if (out / "adapter_config.json").is_file():
         return out
-    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.config import DequantizeSection
+    from pipeline.models import bnb_config, disable_bnb_cpu_repacking
+
     torch.manual_seed(seed)
     random.seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
-    # fp32 compute: bf16 matmuls are several times slower than fp32 on CPUs without AMX
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                            bnb_4bit_compute_dtype=torch.float32)
+    # QLoRA's defaults (NF4, double quantization) with fp32 compute: bf16 matmuls are several
+    # times slower than fp32 on CPUs without AMX. The configs' dequantize section says the same.
+    qc = bnb_config(DequantizeSection(compute_dtype="float32"))
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=qc, dtype=torch.float32)
-    for m in model.modules():  # keep bnb from repacking weights on CPU eval forwards (see dequantize.py)
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
+    disable_bnb_cpu_repacking(model)  # keep bnb from repacking weights on CPU eval forwards
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     train_docs, held_docs = training_docs(data)
@@ -101,7 +117,9 @@ def train_adapter(base: Path, out: Path, data: str = "pydoc", steps: int = 40, s
     model.eval()
     before = _mean_loss(model, held, batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     t0, losses = time.time(), []
     order = torch.randperm(len(train))
@@ -109,15 +127,27 @@ def train_adapter(base: Path, out: Path, data: str = "pydoc", steps: int = 40, s
         idx = order[(torch.arange(batch_size) + step * batch_size) % len(train)]
         loss = model(input_ids=train[idx], labels=train[idx]).loss
         loss.backward()
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     after = _mean_loss(model, held, batch_size)
-    rec = {"data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-           "train_tokens": steps * batch_size * seq_len, "train_seconds": round(time.time() - t0, 1),
-           "train_loss_first10": sum(losses[:10]) / 10, "train_loss_last10": sum(losses[-10:]) / 10,
-           "heldout_loss_before": before, "heldout_loss_after": after, "lora": lcfg.to_dict()}
+    rec = {
+        "data": data,
+        "steps": steps,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "lr": lr,
+        "train_tokens": steps * batch_size * seq_len,
+        "train_seconds": round(time.time() - t0, 1),
+        "train_loss_first10": sum(losses[:10]) / 10,
+        "train_loss_last10": sum(losses[-10:]) / 10,
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "lora": lcfg.to_dict(),
+    }
     log(f"demo: held-out loss {before:.3f} -> {after:.3f}")
     with publish_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -133,6 +163,7 @@ def main(argv=None) -> None:
     ap.add_argument("--adapter-name", default=None, help="adapter folder name (default: adapter-<data>)")
     ap.add_argument("--steps", type=int, default=40)
     a = ap.parse_args(argv)
+    quiet_libraries()
     out = Path(a.out)
     base = prepare_base(out / "smollm2-135m")
     name = a.adapter_name or ("adapter-pydoc" if a.data == "pydoc" else "adapter-alpaca")

@@ -15,79 +15,40 @@ Before the adapter is applied, the base is made to match it: a vocabulary resize
 training is resized here too, and tied input/output embeddings are untied when the adapter
 changes either (re-tied after the merge if both still hold the same matrix).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.common import DTYPES, log, publish_dir, stage_record
+import torch
+
+from pipeline.adapter_checks import check_adapter
+from pipeline.checkpoint import AdapterFiles, read_config
+from pipeline.common import DTYPES, log, publish_dir
 from pipeline.errors import InputError
-
-import torch  # noqa: E402
-
-
-def adapter_file(adapter: str) -> Path:
-    """Local path of ``adapter_model.safetensors`` (downloaded or from the HF cache for a hub id)."""
-    p = Path(adapter)
-    if p.is_dir():
-        return p / "adapter_model.safetensors"
-    from huggingface_hub import hf_hub_download
-    return Path(hf_hub_download(adapter, "adapter_model.safetensors"))
-
-
-def adapter_shapes(adapter: str) -> dict[str, tuple]:
-    """Tensor name (``base_model.model.`` stripped) -> shape, from the safetensors header only
-    (or, for a pickle ``adapter_model.bin`` the user allowed, from a ``weights_only`` load)."""
-    from safetensors import safe_open
-    f = adapter_file(adapter)
-    if not f.is_file() and f.with_name("adapter_model.bin").is_file():
-        sd = torch.load(f.with_name("adapter_model.bin"), map_location="cpu", weights_only=True)
-        return {k.removeprefix("base_model.model."): tuple(v.shape) for k, v in sd.items()}
-    with safe_open(f, "pt") as h:
-        return {k.removeprefix("base_model.model."): tuple(h.get_slice(k).get_shape()) for k in h.keys()}
-
-
-def adapted_modules(adapter: str) -> list[str]:
-    """Names of the base modules a LoRA adapter changes (e.g. ``model.layers.0.self_attn.q_proj``),
-    LoRA-adapted or replaced by a ``modules_to_save`` copy."""
-    names = set()
-    for k in adapter_shapes(adapter):
-        for tag in (".lora_A", ".lora_embedding_A", ".modules_to_save"):
-            if tag in k:
-                names.add(k.split(tag)[0])
-    return sorted(names)
-
-
-def effective_adapter(cfg) -> str:
-    """The adapter the run merges: ``adapter.path``, or the combined adapter the merge stage
-    wrote to ``<run_dir>/adapter-combined`` when ``adapter.combine`` is set."""
-    return cfg.adapter.path or str(cfg.run_dir / "adapter-combined")
+from pipeline.models import apply_runtime, load_causal_lm, load_tokenizer
+from pipeline.records import stage_record
 
 
 def _module_name(model, module) -> str | None:
     return next((n for n, m in model.named_modules() if m is module), None)
 
 
-def match_base_to_adapter(model, adapter: str) -> dict:
+def match_base_to_adapter(model, adapter: AdapterFiles) -> dict:
     """Resize the vocabulary to the adapter's and untie embeddings the adapter changes. In place.
 
     Returns:
         ``{"resized_vocab": rows or None, "untied": bool}``.
     """
-    shapes = adapter_shapes(adapter)
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
     emb_name, out_name = _module_name(model, emb), _module_name(model, out)
-    rows = None
-    for k, s in shapes.items():
-        if k.startswith(f"{emb_name}.") and k.endswith("weight") and "lora_embedding_A" not in k and len(s) == 2:
-            rows = s[0]
-        elif "lora_embedding_A" in k and k.startswith(f"{emb_name}."):
-            rows = s[1]
+    rows = adapter.embedding_rows(emb_name)
     facts = {"resized_vocab": None, "untied": False}
     if rows and rows != emb.weight.shape[0]:
         log(f"merge: adapter vocabulary has {rows} rows, base {emb.weight.shape[0]}: resizing the base")
         model.resize_token_embeddings(rows, mean_resizing=False)
         facts["resized_vocab"] = rows
-    touched = any(k.startswith((f"{emb_name}.", f"{out_name}.")) for k in shapes)
+    touched = any(t.module in (emb_name, out_name) for t in adapter.parsed)
     if out is not None and touched and out.weight is model.get_input_embeddings().weight:
         out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
         for c in (model.config, model.config.get_text_config()):
@@ -96,18 +57,19 @@ def match_base_to_adapter(model, adapter: str) -> dict:
     return facts
 
 
-def apply_adapter(model, adapter: str):
-    """``model`` (4-bit, dequantized or original) with ``adapter`` attached unmerged, in eval mode.
+def apply_adapter(model, adapter: AdapterFiles):
+    """``model`` (dequantized or original) with ``adapter`` attached unmerged, in eval mode.
 
     Returns:
         (``PeftModel``, facts from :func:`match_base_to_adapter`).
     """
     from peft import PeftModel
+
     facts = match_base_to_adapter(model, adapter)
-    return PeftModel.from_pretrained(model, adapter).eval(), facts
+    return PeftModel.from_pretrained(model, str(adapter.folder)).eval(), facts
 
 
-def merge_into(model, adapter: str, dtype: torch.dtype):
+def merge_into(model, adapter: AdapterFiles, dtype: torch.dtype):
     """Merge ``adapter`` into ``model`` (float32) with PEFT and cast once to ``dtype``.
 
     Embeddings untied for the merge are re-tied when they still hold the same matrix.
@@ -133,8 +95,11 @@ def check_finite(model, dtype_name: str) -> None:
     """
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            hint = (" Values above 65504 overflow float16: set dequantize.dtype: bfloat16."
-                    if dtype_name == "float16" else "")
+            hint = (
+                " Values above 65504 overflow float16: set dequantize.dtype: bfloat16."
+                if dtype_name == "float16"
+                else ""
+            )
             raise InputError(f"merged weight '{name}' holds inf/NaN after the cast to {dtype_name}.{hint}")
 
 
@@ -142,6 +107,7 @@ def combine_adapters(cfg, model) -> Path:
     """Combine ``adapter.combine.adapters`` with PEFT's ``add_weighted_adapter`` into one LoRA
     adapter saved at ``<run_dir>/adapter-combined`` (reference and merge both use it)."""
     from peft import PeftModel
+
     c = cfg.adapter.combine
     names = [f"a{i}" for i in range(len(c.adapters))]
     pm = PeftModel.from_pretrained(model, c.adapters[0].path, adapter_name=names[0])
@@ -150,7 +116,7 @@ def combine_adapters(cfg, model) -> Path:
     torch.manual_seed(c.seed)  # DARE prunes at random
     kw = {"density": c.density} if c.density is not None else {}
     pm.add_weighted_adapter(names, [a.weight for a in c.adapters], "combined", combination_type=c.method, **kw)
-    out = cfg.run_dir / "adapter-combined"
+    out = cfg.layout.combined_adapter
     with publish_dir(out) as tmp:
         pm.save_pretrained(tmp, selected_adapters=["combined"])
         for f in (tmp / "combined").iterdir():  # PEFT writes non-default adapters into a subfolder
@@ -162,8 +128,7 @@ def combine_adapters(cfg, model) -> Path:
 
 def original_available(cfg) -> bool:
     """True when the base checkpoint is full precision (not a saved bnb 4-bit checkpoint)."""
-    from pipeline.dequantize import base_quantization_config
-    return base_quantization_config(cfg.base.path) is None
+    return read_config(cfg.base.path).get("quantization_config") is None
 
 
 def candidates(cfg) -> list[str]:
@@ -174,8 +139,10 @@ def candidates(cfg) -> list[str]:
     """
     want = cfg.merge.base
     if want == "original" and not original_available(cfg):
-        raise InputError("merge.base is 'original' but the base is a saved bnb 4-bit checkpoint: the full-precision "
-                         "weights are not there. Point base.path at the full-precision checkpoint, or use 'dequantized'.")
+        raise InputError(
+            "merge.base is 'original' but the base is a saved bnb 4-bit checkpoint: the full-precision "
+            "weights are not there. Point base.path at the full-precision checkpoint, or use 'dequantized'."
+        )
     if want == "dequantized" and not cfg.merge.compare_bases:
         return ["dequantized"]
     if want == "original" and not cfg.merge.compare_bases:
@@ -183,39 +150,49 @@ def candidates(cfg) -> list[str]:
     return ["dequantized", "original"] if original_available(cfg) else ["dequantized"]
 
 
-def _load_fp32(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
 def run(cfg) -> list[Path]:
-    """Stage entry: merge the adapter into each merge base; returns the ``merged-<base>.unverified`` folders."""
-    from transformers import AutoTokenizer
-    from pipeline.adapter_checks import check_adapter
-    with stage_record(cfg.run_dir, "merge") as rec:
+    """Stage entry: merge the adapter into each merge base; returns the ``merged-<base>.unverified`` folders.
+
+    Raises:
+        InputError: an unmergeable adapter, ``dequantized/`` missing, a tokenizer larger than the
+            merged embeddings, inf/NaN weights after the cast (float16 overflow).
+    """
+    layout = cfg.layout
+    with stage_record(layout, "merge") as rec:
         facts = check_adapter(cfg)
+        device = apply_runtime(cfg.runtime)
         dtype_name = cfg.out_dtype
-        dequantized = cfg.run_dir / "dequantized"
-        if not dequantized.is_dir():
-            raise InputError(f"{dequantized} is missing: run the dequantize stage first.")
+        if not layout.dequantized.is_dir():
+            raise InputError(f"{layout.dequantized} is missing: run the dequantize stage first (with dequantize.save).")
+
+        def load_fp32(path):
+            return load_causal_lm(path, cfg, device=device, dtype=torch.float32)
+
         if cfg.adapter.combine:
             log(f"merge: combining {len(cfg.adapter.combine.adapters)} adapters ({cfg.adapter.combine.method})")
-            combine_adapters(cfg, _load_fp32(dequantized))
-        adapter = effective_adapter(cfg)
+            combine_adapters(cfg, load_fp32(layout.dequantized))
+        adapter = AdapterFiles(cfg.effective_adapter, cfg.adapter.allow_pickle)
         outs, rec["candidates"] = [], {}
         for base in candidates(cfg):
-            src = dequantized if base == "dequantized" else cfg.base.path
-            log(f"merge: adapter '{adapter}' into the {base} weights ({src}), float32 -> {dtype_name}")
-            merged, mfacts = merge_into(_load_fp32(src), adapter, DTYPES[dtype_name])
+            src = layout.dequantized if base == "dequantized" else cfg.base.path
+            log(f"merge: adapter '{adapter.folder}' into the {base} weights ({src}), float32 -> {dtype_name}")
+            merged, mfacts = merge_into(load_fp32(src), adapter, DTYPES[dtype_name])
+            merged = merged.to("cpu")
             check_finite(merged, dtype_name)
-            tok_src = adapter if Path(adapter, "tokenizer_config.json").is_file() else (
-                cfg.adapter.paths[0] if Path(cfg.adapter.paths[0], "tokenizer_config.json").is_file() else dequantized)
-            tok = AutoTokenizer.from_pretrained(tok_src)
+            first = AdapterFiles(cfg.adapter.paths[0], cfg.adapter.allow_pickle)
+            tok_src = (
+                adapter.folder
+                if adapter.tokenizer_saved
+                else (first.folder if first.tokenizer_saved else layout.dequantized)
+            )
+            tok = load_tokenizer(tok_src, cfg)
             rows = merged.get_input_embeddings().weight.shape[0]
             if len(tok) > rows:
-                raise InputError(f"the tokenizer ({tok_src}) has {len(tok)} tokens but the merged model only {rows} "
-                                 "embedding rows; save the tokenizer used in training beside the adapter.")
-            out = cfg.run_dir / f"merged-{base}.unverified"
+                raise InputError(
+                    f"the tokenizer ({tok_src}) has {len(tok)} tokens but the merged model only {rows} "
+                    "embedding rows; save the tokenizer used in training beside the adapter."
+                )
+            out = layout.candidate(base)
             with publish_dir(out) as tmp:
                 merged.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
@@ -223,5 +200,5 @@ def run(cfg) -> list[Path]:
             rec["candidates"][base] = {"artefact": str(out), "tokenizer_from": str(tok_src), **mfacts}
             del merged
         rec.update(facts)
-        rec.update(adapter=adapter, dtype=dtype_name, working_dtype="float32")
+        rec.update(adapter=str(adapter.folder), dtype=dtype_name, working_dtype="float32")
     return outs

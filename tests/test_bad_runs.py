@@ -1,5 +1,6 @@
 """Run-time mistakes end with exit code 2 and a message naming the key, and a re-run never
 leaves the previous run's artefacts looking current."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,23 +9,27 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, tiny_config
+from helpers import REPO, tiny_config
 from pipeline import dequantize, merge, requantize, verify
 from pipeline.errors import InputError
-from pipeline.run import clear_outputs
+from pipeline.layout import RunLayout
 
 
 def _cli(cfg, tmp_path, *args):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--config", str(f)], cwd=REPO,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--config", str(f)], cwd=REPO, capture_output=True, text=True
+    )
 
 
 def test_stages_out_of_order_exit_2(tiny_base, tiny_adapter, tmp_path):
     cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs")
-    for stage, needle in (("merge", "run the dequantize stage first"), ("verify", "run the merge stage first"),
-                          ("evaluate", "run the merge and verify stages first")):
+    for stage, needle in (
+        ("merge", "run the dequantize stage first"),
+        ("verify", "run the merge stage first"),
+        ("evaluate", "run the merge and verify stages first"),
+    ):
         r = _cli(cfg, tmp_path, "stage", stage)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (stage, r.stderr[-500:])
 
@@ -33,7 +38,9 @@ def test_text_shorter_than_a_window_names_the_key(tiny_base, tiny_adapter, tmp_p
     cfg = tiny_config(tiny_base, tiny_adapter, tmp_path, verify={"seq_len": 100000})
     dequantize.run(cfg)
     merge.run(cfg)
-    with pytest.raises(InputError, match=r"verify.data: text '.*' gives \d+ tokens, fewer than one window of seq_len=100000"):
+    with pytest.raises(
+        InputError, match=r"verify.data: text '.*' gives \d+ tokens, fewer than one window of seq_len=100000"
+    ):
         verify.run(cfg)
 
 
@@ -43,7 +50,9 @@ def test_calibration_too_small_for_num_samples(tiny_base, tiny_adapter, tmp_path
     merge.run(cfg)
     verify.run(cfg)
     big = cfg.model_copy(update={"requantize": cfg.requantize.model_copy(update={"num_samples": 100000})})
-    with pytest.raises(InputError, match=r"fewer than requantize.num_samples x seq_len = 100000 x 128; lower them \(at most \d+"):
+    with pytest.raises(
+        InputError, match=r"fewer than requantize.num_samples x seq_len = 100000 x 128; lower them \(at most \d+"
+    ):
         requantize.run(big)
     assert not (cfg.run_dir / "gptq").exists()
 
@@ -54,6 +63,6 @@ def test_rerun_clears_the_outputs_it_will_rewrite(tmp_path):
         (rd / d).mkdir(parents=True)
     for f in ("report.json", "report.md", "stages/merge.json", "stages/dequantize.json", "stages/evaluate.json"):
         (rd / f).write_text("{}")
-    clear_outputs(rd, "merge")
+    RunLayout(rd).clear("merge")
     left = sorted(p.relative_to(rd).as_posix() for p in rd.rglob("*"))
     assert left == ["dequantized", "stages", "stages/dequantize.json"]

@@ -1,11 +1,12 @@
 """Quality budget, GPTQ alternatives and round-to-nearest, on the tiny model."""
+
 from __future__ import annotations
 
 import json
 
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from eval.baselines import rtn_
 from pipeline import dequantize, merge, requantize, verify
 
@@ -27,9 +28,15 @@ def test_rtn_matches_hand_computed_values():
 
 
 def test_budget_keeps_the_smallest_setting_within_budget(tiny_base, tiny_adapter, tmp_path):
-    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path, requantize={
-        "budget": {"max_kl": 0.02, "settings": [{"bits": 8}, {"bits": 2}]},
-        "alternatives": [{"bits": 3, "desc_act": False}]})
+    cfg = tiny_config(
+        tiny_base,
+        tiny_adapter,
+        tmp_path,
+        requantize={
+            "budget": {"max_kl": 0.02, "settings": [{"bits": 8}, {"bits": 2}]},
+            "alternatives": [{"bits": 3, "desc_act": False}],
+        },
+    )
     dequantize.run(cfg)
     merge.run(cfg)
     verify.run(cfg)

@@ -1,16 +1,22 @@
 """eval.compare on two made-up report.json files, and its exit code 2 on bad input."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _variant(size, ppl, kl, top1, acc=None, ds="wiki"):
-    v = {"perplexity": {ds: ppl}, "kl_divergence": {ds: kl}, "top1_agreement": {ds: top1},
-         "size_bytes": size, "path": f"/x/{size}"}
+    v = {
+        "perplexity": {ds: ppl},
+        "kl_divergence": {ds: kl},
+        "top1_agreement": {ds: top1},
+        "size_bytes": size,
+        "path": f"/x/{size}",
+    }
     if acc is not None:
         v["accuracy"] = {"cloze": {"acc": acc, "acc_stderr": 0.021, "n": 400}}
     return v
@@ -19,12 +25,20 @@ def _variant(size, ppl, kl, top1, acc=None, ds="wiki"):
 def _runs(tmp_path):
     a, b = tmp_path / "run-a", tmp_path / "run-b"
     a.mkdir(), b.mkdir()
-    (a / "report.json").write_text(json.dumps({
-        "run_name": "alpha",
-        "variants": {"gptq": _variant(3 * 2**20, 12.3456, 0.0123, 0.9512, acc=0.615),
-                     "reference": _variant(10 * 2**20, 11.1111, 0.0, 1.0, acc=0.640)},
-        "verification": {"passed": True, "kl_divergence": 1e-7},
-        "stages": {"merge": {"seconds": 1.5, "peak_rss_bytes": 123}}, "config": {}}))
+    (a / "report.json").write_text(
+        json.dumps(
+            {
+                "run_name": "alpha",
+                "variants": {
+                    "gptq": _variant(3 * 2**20, 12.3456, 0.0123, 0.9512, acc=0.615),
+                    "reference": _variant(10 * 2**20, 11.1111, 0.0, 1.0, acc=0.640),
+                },
+                "verification": {"passed": True, "kl_divergence": 1e-7},
+                "stages": {"merge": {"seconds": 1.5, "peak_rss_bytes": 123}},
+                "config": {},
+            }
+        )
+    )
     # run b: a second dataset, no accuracy, an extra key, no verification/stages
     vb = _variant(5 * 2**20, 13.5, 0.0456, 0.9, ds="wiki")
     vb["perplexity"]["code"], vb["perplexity_ratio"] = 7.25, {"wiki": {"ratio": 1.2}}
@@ -33,8 +47,9 @@ def _runs(tmp_path):
 
 
 def _compare(*args):
-    return subprocess.run([sys.executable, "-m", "eval.compare", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "eval.compare", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
 
 
 def test_compare_two_runs(tmp_path):
@@ -44,8 +59,10 @@ def test_compare_two_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (out / "compare.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| run | variant |"))
-    assert header == ("| run | variant | size (MiB) | wiki perplexity | wiki KL | wiki top-1 | code perplexity | "
-                      "code KL | code top-1 | cloze acc |")
+    assert header == (
+        "| run | variant | size (MiB) | wiki perplexity | wiki KL | wiki top-1 | code perplexity | "
+        "code KL | code top-1 | cloze acc |"
+    )
     # reference before gptq (eval.report.ORDER); blanks where a run lacks a dataset or task
     assert "| alpha | reference | 10.0 | 11.1111 | 0 | 1.0000 |  |  |  | 0.640 ± 0.021 |" in md
     assert "| alpha | gptq | 3.0 | 12.3456 | 0.0123 | 0.9512 |  |  |  | 0.615 ± 0.021 |" in md
@@ -54,8 +71,11 @@ def test_compare_two_runs(tmp_path):
     assert "| alpha | " + str(a) + " | passed |" in md
     doc = json.loads((out / "compare.json").read_text())
     assert doc["runs"] == ["alpha", "beta"]
-    assert [(x["run"], x["variant"]) for x in doc["rows"]] == [("alpha", "reference"), ("alpha", "gptq"),
-                                                                ("beta", "gptq")]
+    assert [(x["run"], x["variant"]) for x in doc["rows"]] == [
+        ("alpha", "reference"),
+        ("alpha", "gptq"),
+        ("beta", "gptq"),
+    ]
     g = doc["rows"][1]
     assert g["size_bytes"] == 3 * 2**20 and g["size_mib"] == 3.0 and g["perplexity"] == {"wiki": 12.3456}
     assert g["kl_divergence"] == {"wiki": 0.0123} and g["accuracy"]["cloze"]["acc"] == 0.615

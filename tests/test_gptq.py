@@ -1,4 +1,5 @@
 """GPTQ on a tiny model writes a standard GPTQ checkpoint that plain transformers reloads and runs."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline import dequantize, merge, requantize, verify
 from pipeline.errors import InputError
 
@@ -22,6 +23,7 @@ def merged_run(tiny_base, tiny_adapter, tmp_path_factory):
 
 def test_gptq_checkpoint_reloads_in_plain_transformers(merged_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = requantize.run(merged_run)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32 and qc["desc_act"] is True
@@ -40,7 +42,12 @@ def test_gptq_checkpoint_reloads_in_plain_transformers(merged_run):
         lq, lr = q(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
     assert torch.isfinite(lq).all()
     # 4-bit GPTQ is close to, but not the same as, the merged model
-    kl = torch.nn.functional.kl_div(lq.log_softmax(-1), lr.log_softmax(-1), log_target=True, reduction="batchmean").item() / ids.shape[1]
+    kl = (
+        torch.nn.functional.kl_div(
+            lq.log_softmax(-1), lr.log_softmax(-1), log_target=True, reduction="batchmean"
+        ).item()
+        / ids.shape[1]
+    )
     assert 1e-6 < kl < 0.5
 
 

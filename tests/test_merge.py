@@ -1,5 +1,6 @@
 """The merge is exact: merged weights equal W_deq + scaling * B @ A, and the merged model's
 next-token distribution equals the reference (4-bit base + unmerged adapter)."""
+
 from __future__ import annotations
 
 import json
@@ -8,17 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_adapter, tiny_config
+from helpers import make_adapter, tiny_config
 from pipeline import dequantize, merge, verify
+from pipeline.checkpoint import AdapterFiles
+from pipeline.models import load_4bit_base
 from pipeline.errors import VerificationError
 
 
 def _fresh_dequantized(cfg) -> dict:
     """W_deq of every Linear4bit, computed directly with bitsandbytes on a freshly loaded 4-bit base."""
     import bitsandbytes as bnb
-    model = dequantize.load_4bit_base(cfg, "cpu")
-    return {f"{n}.weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-            for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    model = load_4bit_base(cfg, "cpu")
+    return {
+        f"{n}.weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
 
 
 def test_merged_weights_follow_the_lora_formula(tiny_base, tiny_adapter, tmp_path):
@@ -31,7 +38,7 @@ def test_merged_weights_follow_the_lora_formula(tiny_base, tiny_adapter, tmp_pat
     acfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
     scaling = acfg["lora_alpha"] / acfg["r"]
     w_deq = _fresh_dequantized(cfg)
-    names = merge.adapted_modules(str(tiny_adapter))
+    names = AdapterFiles(tiny_adapter).changed_modules()["lora"]
     assert len(names) == 2 * 7  # 2 layers x 7 projections
     for name in names:
         a = lora[f"base_model.model.{name}.lora_A.weight"]
@@ -63,6 +70,7 @@ def test_wrong_scaling_is_caught_and_nothing_published(tiny_base, tiny_adapter, 
     merged, base = load_file(out / "model.safetensors"), load_file(deq / "model.safetensors")
     broken = {k: (2 * v - base[k]) if k in base and not torch.equal(v, base[k]) else v for k, v in merged.items()}
     from safetensors.torch import save_file
+
     save_file(broken, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(VerificationError, match="exceeds the bound"):
         verify.run(cfg)
@@ -75,9 +83,13 @@ def test_lost_adapter_is_caught(tiny_base, tmp_path):
     """An all-zero LoRA (B = 0, PEFT's default init) leaves the weights unchanged: refused."""
     zero = make_adapter(tiny_base, tmp_path / "zero", init_lora_weights=True)
     from safetensors.torch import load_file as lf, save_file
+
     t = lf(zero / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in t.items()},
-              zero / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in t.items()},
+        zero / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     cfg = tiny_config(tiny_base, zero, tmp_path / "runs")
     dequantize.run(cfg)
     merge.run(cfg)

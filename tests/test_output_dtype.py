@@ -1,5 +1,6 @@
 """Output dtype: the base's own dtype unless the config says otherwise; a merge that
 overflows float16 stops with the layer's name and the bf16 suggestion."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter, make_llama, tiny_config
+from helpers import make_adapter, make_llama, tiny_config
 from pipeline import dequantize, merge
 from pipeline.errors import InputError
 

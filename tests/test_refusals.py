@@ -4,6 +4,7 @@ that says what is wrong and what to do, and nothing written.
 ``pipeline.adapter_checks.check_adapter`` reads configs and safetensors headers only; these tests
 build tiny bases and adapters (with PEFT itself) and hand-made broken files.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, make_adapter, make_llama, tiny_config
+from helpers import REPO, make_adapter, make_llama, tiny_config
 from pipeline.adapter_checks import check_adapter
 from pipeline.errors import InputError
 
@@ -38,8 +39,12 @@ def _check(base, adapter, tmp_path, base_opts=None, adapter_opts=None):
     """check_adapter on the tiny config; ``*_opts`` set keys of the base / adapter sections
     (``tiny_config``'s own ``base``/``adapter`` parameters shadow those sections)."""
     cfg = tiny_config(base, adapter, tmp_path / "runs")
-    cfg = cfg.model_copy(update={"base": cfg.base.model_copy(update=base_opts or {}),
-                                 "adapter": cfg.adapter.model_copy(update=adapter_opts or {})})
+    cfg = cfg.model_copy(
+        update={
+            "base": cfg.base.model_copy(update=base_opts or {}),
+            "adapter": cfg.adapter.model_copy(update=adapter_opts or {}),
+        }
+    )
     return check_adapter(cfg)
 
 
@@ -63,10 +68,18 @@ def _crafted(tmp_path, tiny_adapter, extra: dict):
 
 def test_good_adapter_passes_with_facts(tmp_path, tiny_base, tiny_adapter):
     facts = _check(tiny_base, tiny_adapter, tmp_path)
-    assert {k: facts[k] for k in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "modules_to_save",
-                                  "resized_vocab")} == {
-        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": False, "use_dora": False,
-        "modules_to_save": [], "resized_vocab": None}
+    assert {
+        k: facts[k]
+        for k in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "modules_to_save", "resized_vocab")
+    } == {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": [],
+        "resized_vocab": None,
+    }
     assert len(facts["adapted_modules"]) == 14  # 2 layers x 7 projections
     assert "model.layers.1.mlp.down_proj" in facts["adapted_modules"]
 
@@ -87,8 +100,14 @@ def test_bias_all_adapter_on_a_base_with_biases_passes(tmp_path):
 def test_bnb_4bit_saved_base_shapes_from_quant_state(tmp_path, tiny_base, tiny_adapter):
     """A base saved in bnb 4-bit stores packed [n, 1] weights; the real shape is in its quant state."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    m = AutoModelForCausalLM.from_pretrained(tiny_base, device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+
+    m = AutoModelForCausalLM.from_pretrained(
+        tiny_base,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+    )
     m.save_pretrained(tmp_path / "b4")
     assert len(_check(tmp_path / "b4", tiny_adapter, tmp_path)["adapted_modules"]) == 14
 
@@ -97,36 +116,52 @@ def test_bnb_4bit_saved_base_shapes_from_quant_state(tmp_path, tiny_base, tiny_a
 def test_peft_type_not_mergeable(tmp_path, tiny_base, kind):
     from peft import IA3Config, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    pcfg = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if kind == "prompt_tuning" else
-            IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
-                      feedforward_modules=["down_proj"]))
+
+    pcfg = (
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        if kind == "prompt_tuning"
+        else IA3Config(
+            task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        )
+    )
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), pcfg).save_pretrained(tmp_path / kind)
-    with pytest.raises(InputError, match=rf"PEFT type '{kind.upper()}', which cannot be merged.*only LoRA adapters "
-                                         r"\(including rsLoRA and DoRA\)"):
+    with pytest.raises(
+        InputError,
+        match=rf"PEFT type '{kind.upper()}', which cannot be merged.*only LoRA adapters "
+        r"\(including rsLoRA and DoRA\)",
+    ):
         _check(tiny_base, tmp_path / kind, tmp_path)
 
 
 def test_shape_mismatch_names_first_tensor_and_both_shapes(tmp_path, tiny_base, other_bases):
-    with pytest.raises(InputError, match=r"adapter tensor 'base_model\.model\.model\.layers\.0\.\S+\.lora_A\.weight' "
-                                         r"has shape \[8, 64\], which does not fit base tensor "
-                                         r"'model\.layers\.0\.\S+\.weight' of shape \[64, 128\].*different model"):
+    with pytest.raises(
+        InputError,
+        match=r"adapter tensor 'base_model\.model\.model\.layers\.0\.\S+\.lora_A\.weight' "
+        r"has shape \[8, 64\], which does not fit base tensor "
+        r"'model\.layers\.0\.\S+\.weight' of shape \[64, 128\].*different model",
+    ):
         _check(tiny_base, other_bases["narrow"], tmp_path)
 
 
 def test_full_tensor_shape_mismatch(tmp_path, tiny_base, tiny_adapter):
     a = _crafted(tmp_path, tiny_adapter, {PFX + "lm_head.weight": torch.zeros(384, 32)})
-    with pytest.raises(InputError, match=r"'base_model\.model\.lm_head\.weight' has shape \[384, 32\].*"
-                                         r"'lm_head\.weight' of shape \[384, 64\]"):
+    with pytest.raises(
+        InputError,
+        match=r"'base_model\.model\.lm_head\.weight' has shape \[384, 32\].*"
+        r"'lm_head\.weight' of shape \[384, 64\]",
+    ):
         _check(tiny_base, a, tmp_path)
 
 
 def test_resized_vocabulary_allowed_for_embeddings_only(tmp_path, tiny_base, tiny_adapter):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
     m = AutoModelForCausalLM.from_pretrained(tiny_base)
     m.resize_token_embeddings(400)
-    get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
-                   ).save_pretrained(tmp_path / "resized")
+    get_peft_model(
+        m, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    ).save_pretrained(tmp_path / "resized")
     facts = _check(tiny_base, tmp_path / "resized", tmp_path)
     assert facts["resized_vocab"] == 400
     assert facts["modules_to_save"] == ["lm_head", "model.embed_tokens"]
@@ -169,13 +204,16 @@ def _truncated(d):
     f.write_bytes(f.read_bytes()[:-1000])
 
 
-@pytest.mark.parametrize("breakage,needle", [
-    (_no_config, r"adapter_config\.json' is missing\. adapter\.path must be the folder PEFT"),
-    (_bad_json, r"adapter_config\.json' is not valid JSON"),
-    (_no_weights, r"has no adapter_model\.safetensors \(nor adapter_model\.bin\)"),
-    (_garbage, r"adapter_model\.safetensors' is not a readable safetensors file.*Re-download or re-save it"),
-    (_truncated, r"adapter_model\.safetensors' is not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "breakage,needle",
+    [
+        (_no_config, r"adapter_config\.json' is missing\. adapter\.path must be the folder PEFT"),
+        (_bad_json, r"adapter_config\.json' is not valid JSON"),
+        (_no_weights, r"has no adapter_model\.safetensors \(nor adapter_model\.bin\)"),
+        (_garbage, r"adapter_model\.safetensors' is not a readable safetensors file.*Re-download or re-save it"),
+        (_truncated, r"adapter_model\.safetensors' is not a readable safetensors file"),
+    ],
+)
 def test_broken_adapter_files(tmp_path, tiny_base, tiny_adapter, breakage, needle):
     a = _copy(tiny_adapter, tmp_path / "a")
     breakage(a)
@@ -187,8 +225,11 @@ def test_pickle_adapter_needs_allow_pickle(tmp_path, tiny_base, tiny_adapter):
     a = _copy(tiny_adapter, tmp_path / "a")
     torch.save(load_file(a / "adapter_model.safetensors"), a / "adapter_model.bin")
     (a / "adapter_model.safetensors").unlink()
-    with pytest.raises(InputError, match=r"only a pickle adapter_model\.bin, refused: unpickling can run arbitrary "
-                                         r"code.*weights_only=True.*save_file.*adapter\.allow_pickle: true"):
+    with pytest.raises(
+        InputError,
+        match=r"only a pickle adapter_model\.bin, refused: unpickling can run arbitrary "
+        r"code.*weights_only=True.*save_file.*adapter\.allow_pickle: true",
+    ):
         _check(tiny_base, a, tmp_path)
     assert len(_check(tiny_base, a, tmp_path, adapter_opts={"allow_pickle": True})["adapted_modules"]) == 14
 
@@ -206,11 +247,13 @@ def test_custom_code_base_needs_trust_remote_code(tmp_path, tiny_base, tiny_adap
 
 def test_combined_adapters_are_each_checked(tmp_path, tiny_base, tiny_adapter, other_bases):
     from pipeline.config import CombineSection, WeightedAdapter
+
     cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs")
 
     def combine(*paths):
         section = CombineSection(adapters=[WeightedAdapter(path=str(p)) for p in paths])
         return cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"path": None, "combine": section})})
+
     facts = check_adapter(combine(tiny_adapter, tiny_adapter))
     assert [len(f["adapted_modules"]) for f in facts["adapters"]] == [14, 14]
     with pytest.raises(InputError, match="does not fit base tensor"):
@@ -226,21 +269,32 @@ def _cli_merge(tmp_path, base, adapter):
     cfg = tiny_config(base, adapter, tmp_path / "runs")
     y = tmp_path / "c.yaml"
     y.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    r = subprocess.run([sys.executable, "-m", "pipeline", "stage", "merge", "--config", str(y)], cwd=REPO,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage", "merge", "--config", str(y)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return r, cfg.run_dir
 
 
-@pytest.mark.parametrize("which,needle", [
-    ("narrow", r"which does not fit base tensor 'model\.layers\.0\.\S+' of shape \[64, 128\]"),
-    ("prompt_tuning", r"is of PEFT type 'PROMPT_TUNING'"),
-])
+@pytest.mark.parametrize(
+    "which,needle",
+    [
+        ("narrow", r"which does not fit base tensor 'model\.layers\.0\.\S+' of shape \[64, 128\]"),
+        ("prompt_tuning", r"is of PEFT type 'PROMPT_TUNING'"),
+    ],
+)
 def test_cli_merge_refuses_with_exit_2_and_writes_nothing(tmp_path, tiny_base, other_bases, which, needle):
     if which == "prompt_tuning":
         from peft import PromptTuningConfig, get_peft_model
         from transformers import AutoModelForCausalLM
-        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
-                       PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path / "pt")
+
+        get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_base),
+            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        ).save_pretrained(tmp_path / "pt")
         adapter = tmp_path / "pt"
     else:
         adapter = other_bases[which]

@@ -1,5 +1,6 @@
 """The whole pipeline through the CLI on a tiny model: one process per stage, and a
 report.json that holds the contract other runs are compared on."""
+
 from __future__ import annotations
 
 import json
@@ -8,23 +9,37 @@ import sys
 
 import yaml
 
-from conftest import REPO, tiny_config
+from helpers import REPO, tiny_config
 
 
 def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
-    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs",
-                      requantize={"alternatives": [{"bits": 8}]},
-                      eval={"baselines": ["peft_4bit_merge", "rtn", "bnb_nf4"], "bootstrap": 200})
+    cfg = tiny_config(
+        tiny_base,
+        tiny_adapter,
+        tmp_path / "runs",
+        requantize={"alternatives": [{"bits": 8}]},
+        eval={"baselines": ["peft_4bit_merge", "rtn", "bnb_nf4"], "bootstrap": 200},
+    )
     cfile = tmp_path / "tiny.yaml"
     cfile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    r = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(cfile)], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(cfile)], cwd=REPO, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rd = cfg.run_dir
     rep = json.loads((rd / "report.json").read_text())
-    assert set(rep["variants"]) == {"reference", "merged", "merged-original", "merged-dequantized", "gptq",
-                                    "gptq-8bit-g32-act", "base", "peft_4bit_merge", "rtn", "bnb_nf4"} - {
-        "merged-" + rep["verification"]["merge_base"]}
+    assert set(rep["variants"]) == {
+        "reference",
+        "merged",
+        "merged-original",
+        "merged-dequantized",
+        "gptq",
+        "gptq-8bit-g32-act",
+        "base",
+        "peft_4bit_merge",
+        "rtn",
+        "bnb_nf4",
+    } - {"merged-" + rep["verification"]["merge_base"]}
     for v in rep["variants"]:
         var = rep["variants"][v]
         for k in ("perplexity", "kl_divergence", "top1_agreement"):
@@ -49,8 +64,9 @@ def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
     # statistics against the reference
     pr = v["gptq"]["perplexity_ratio"]["pydoc-heldout"]
     assert pr["ci_low"] <= pr["ratio"] <= pr["ci_high"]
-    assert v["gptq"]["perplexity"]["pydoc-heldout"] / v["reference"]["perplexity"]["pydoc-heldout"] == \
-        __import__("pytest").approx(pr["ratio"], rel=1e-9)
+    assert v["gptq"]["perplexity"]["pydoc-heldout"] / v["reference"]["perplexity"]["pydoc-heldout"] == __import__(
+        "pytest"
+    ).approx(pr["ratio"], rel=1e-9)
     pa = v["gptq"]["accuracy_paired"]["pydoc_cloze"]
     assert pa["n"] == 8 and 0 <= pa["p_value"] <= 1
     # baselines: PEFT's 4-bit merge rounds the adapter away; 8-bit GPTQ is closer than 4-bit

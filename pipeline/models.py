@@ -1,0 +1,162 @@
+"""Loading models: the one ``from_pretrained`` path, the 4-bit base as QLoRA training loaded it,
+and the reference model (the 4-bit base with the adapter applied unmerged, as PEFT runs it).
+
+Every model the pipeline loads goes through :func:`load_causal_lm`, which passes
+``trust_remote_code`` and the device the same way every time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.common import DTYPES, log
+from pipeline.errors import InputError
+
+
+def pick_device(runtime) -> str:
+    """The device of ``runtime.device``: ``cuda`` when asked for or available under ``auto``, else ``cpu``.
+
+    Raises:
+        InputError: ``cuda`` asked for but no CUDA device is visible.
+    """
+    want = runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise InputError("runtime.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def apply_runtime(runtime) -> str:
+    """Apply ``runtime`` to this process (torch CPU threads); returns the device to use."""
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    return pick_device(runtime)
+
+
+def scoring_dtype(stored: str, device: str) -> torch.dtype:
+    """dtype to run a checkpoint stored in ``stored`` in, for scoring: float32 on CPU
+    (half-precision matmuls are slow there and the upcast of the weights is exact), the
+    stored dtype on GPU."""
+    return torch.float32 if device == "cpu" else DTYPES[stored]
+
+
+def load_causal_lm(path, cfg, *, device: str = "cpu", dtype=None, quantization_config=None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` the way every stage calls it: ``trust_remote_code``
+    from ``base.trust_remote_code``, all weights on ``device``, eval mode.
+
+    Args:
+        path: local folder or hub id. dtype: a ``torch.dtype``, or None for the checkpoint's own.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype or "auto",
+        device_map={"": device},
+        trust_remote_code=cfg.base.trust_remote_code,
+        **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+        **kwargs,
+    )
+    return model.eval()
+
+
+def load_tokenizer(path, cfg):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.base.trust_remote_code)
+
+
+def bnb_config(dq, compute_dtype: str | None = None):
+    """The ``BitsAndBytesConfig`` of QLoRA training from the ``dequantize`` section ``dq``:
+    ``bnb_4bit_quant_type``, double quantization, compute dtype, ``quant_storage``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=dq.quant_type,
+        bnb_4bit_use_double_quant=dq.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype or dq.compute_dtype],
+        bnb_4bit_quant_storage=getattr(torch, dq.quant_storage),
+    )
+
+
+def disable_bnb_cpu_repacking(model) -> None:
+    """Keep bitsandbytes' AVX512-BF16 CPU inference kernel off on every ``Linear4bit`` of ``model``.
+
+    That kernel (bitsandbytes 0.50, eval-mode forwards) repacks the weight in place and
+    computes in bf16 whatever the compute dtype; training-mode forwards dequantize and matmul
+    in the compute dtype. With it off, the model computes as in training and its weights stay
+    exact for :func:`pipeline.bnb4.check_not_repacked`.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def load_4bit_base(cfg, device: str):
+    """The base model in 4-bit exactly as QLoRA training loaded it.
+
+    A full-precision checkpoint is quantized on load with :func:`bnb_config`; a checkpoint
+    saved in bitsandbytes 4-bit is loaded with its own quant state. Non-quantized modules
+    (embeddings, norms, ``lm_head``) are loaded in the compute dtype, as QLoRA training
+    scripts do (``torch_dtype=bnb_4bit_compute_dtype``).
+
+    Returns:
+        ``transformers`` causal LM whose quantized linears are ``bnb.nn.Linear4bit``.
+    Raises:
+        InputError: the base is quantized with something other than bitsandbytes 4-bit.
+    """
+    from pipeline.checkpoint import read_config
+
+    qc = read_config(cfg.base.path).get("quantization_config")
+    kwargs: dict = {}
+    if qc is None:
+        kwargs["quantization_config"] = bnb_config(cfg.dequantize)
+    elif qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise InputError(
+            f"base '{cfg.base.path}' is quantized with '{qc.get('quant_method')}', not bitsandbytes 4-bit; "
+            "QLoRA merging needs the bnb 4-bit or the full-precision base the adapter was trained on."
+        )
+    else:
+        log(
+            f"base is a saved bnb 4-bit checkpoint ({qc.get('bnb_4bit_quant_type')}, "
+            f"double quant {qc.get('bnb_4bit_use_double_quant')}); its own quant state is used"
+        )
+    compute = str((qc or {}).get("bnb_4bit_compute_dtype") or cfg.dequantize.compute_dtype).removeprefix("torch.")
+    model = load_causal_lm(cfg.base.path, cfg, device=device, dtype=DTYPES[compute], **kwargs)
+    disable_bnb_cpu_repacking(model)
+    return model
+
+
+def reference_model(cfg, adapter: str | Path, device: str):
+    """The reference: the model as training and PEFT inference run it, independent of the merge code.
+
+    The base is loaded fresh in 4-bit with the training ``BitsAndBytesConfig``
+    (:func:`load_4bit_base`); its vocabulary is resized only where training resized it (the
+    adapter carries embedding rows of another count, as ``resize_token_embeddings(len(tokenizer))``
+    before training leaves them); then ``PeftModel.from_pretrained`` and nothing else. Tied
+    embeddings stay tied, as in training: PEFT itself decides how its adapters use them.
+
+    Returns:
+        ``peft.PeftModel`` in eval mode.
+    """
+    from peft import PeftModel
+    from pipeline.checkpoint import AdapterFiles
+
+    base = load_4bit_base(cfg, device)
+    emb = base.get_input_embeddings()
+    name = next(n for n, m in base.named_modules() if m is emb)
+    rows = AdapterFiles(adapter, cfg.adapter.allow_pickle).embedding_rows(name)
+    if rows and rows != emb.weight.shape[0]:
+        base.resize_token_embeddings(rows, mean_resizing=False)
+    return PeftModel.from_pretrained(base, str(adapter)).eval()
+
+
+def lora_bytes(model) -> int:
+    """Bytes of a PEFT model's adapter parameters (``lora_*``)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
