@@ -14,8 +14,7 @@ Top-1 agreement is the fraction of predicted tokens whose argmax matches the ref
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,86 +42,71 @@ def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1).clamp_min(0.0)
 
 
-class ReferenceStore:
-    """The reference's log-probs for every window, on disk (float32 memmap), so that each
-    variant can be scored later without holding two models in memory.
-
-    Size: ``n_windows * (seq_len - 1) * vocab * 4`` bytes (2k tokens x 49k vocab: 0.4 GB).
-    """
-
-    def __init__(self, n_windows: int, seq_len: int, vocab: int, folder: str | Path | None = None):
-        if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        self.vocab = vocab
-        self._tmp = tempfile.TemporaryDirectory(dir=folder, prefix="reference-logprobs-")
-        self.arr = np.lib.format.open_memmap(
-            Path(self._tmp.name) / "logp.npy", mode="w+", dtype=np.float32, shape=(n_windows, seq_len - 1, vocab)
-        )
-
-    def __enter__(self) -> "ReferenceStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def put(self, i: int, logp: torch.Tensor) -> None:
-        self.arr[i] = logp.numpy()
-
-    def get(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.arr[i]))
-
-    def close(self) -> None:
-        if hasattr(self, "arr"):
-            del self.arr
-            self._tmp.cleanup()
+def logprob_stream(model, wins: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per-window log-probs ``[seq_len - 1, vocab]`` of ``model`` on ``wins``: a whole model window
+    by window, or a model run one decoder layer at a time (anything with ``iter_logprobs``)."""
+    if hasattr(model, "iter_logprobs"):
+        yield from model.iter_logprobs(wins)
+    else:
+        for w in wins:
+            yield window_logprobs(model, w)
 
 
-def score(
-    model,
-    wins: torch.Tensor,
-    ref: ReferenceStore | None = None,
-    store: ReferenceStore | None = None,
-    progress: str | None = None,
-) -> dict:
-    """Score one model on windows ``[n, seq_len]``: perplexity, and against ``ref`` KL and top-1.
+def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> dict:
+    """Score one model on windows ``[n, seq_len]``: perplexity, and against the reference ``ref``
+    (another model, run in lockstep window by window) KL and top-1 agreement.
 
-    ``store`` (when given) receives this model's log-probs (use it for the reference).
+    Lockstep: both distributions of a window are in memory only while that window is scored,
+    so memory does not grow with vocabulary x tokens and nothing is stored on disk.
 
     Returns:
-        dict with ``perplexity``, ``nll_mean`` (nats/token), ``tokens`` (counted),
-        ``nll_per_window`` (numpy float64 [n], summed NLL of each window, nats),
-        and with ``ref``: ``kl_divergence`` (mean, nats/token), ``kl_median``, ``kl_p99``,
-        ``kl_max``, ``top1_agreement`` (fraction), ``kl_per_token`` (numpy float64 array);
-        ``nonfinite``: windows whose log-probs (this model's, or the reference's) hold inf/NaN.
+        A :class:`pipeline.records.Score`: ``perplexity``, ``nll_mean`` (nats/token), ``tokens``
+        (counted), ``nll_per_window`` (numpy float64 [n], summed NLL of each window, nats),
+        ``seconds``, ``tokens_per_second`` and, with ``ref``: ``kl_divergence`` (mean,
+        nats/token), ``kl_median``, ``kl_p99``, ``kl_max``, ``top1_agreement`` (fraction),
+        ``kl_per_token`` (numpy float64 array), ``ref_nll_per_window``; ``nonfinite``: windows
+        whose log-probs (this model's, or the reference's) hold inf/NaN; ``ref_nonfinite``: those
+        where the reference's do.
     """
+    import time
+
     from tqdm import tqdm
 
-    nll_sum, count, kls, agree, per_window, nonfinite = 0.0, 0, [], 0, [], 0
-    it = tqdm(range(len(wins)), desc=progress, unit="win", disable=progress is None, leave=False)
-    for i in it:
-        logp = window_logprobs(model, wins[i])
+    t0 = time.perf_counter()
+    nll_sum, count, kls, agree, per_window, ref_window, nonfinite, ref_nonfinite = 0.0, 0, [], 0, [], [], 0, 0
+    refs = logprob_stream(ref, wins) if ref is not None else None
+    it = tqdm(
+        logprob_stream(model, wins), total=len(wins), desc=progress, unit="win", disable=progress is None, leave=False
+    )
+    for i, logp in enumerate(it):
         bad = bool(torch.isnan(logp).any())  # inf/NaN logits give NaN log-probs
         tgt = wins[i, 1:]
         per_window.append(-logp.gather(1, tgt[:, None]).double().sum().item())
         nll_sum += per_window[-1]
         count += len(tgt)
-        if store is not None:
-            store.put(i, logp)
-        if ref is not None:
-            r = ref.get(i)
-            bad = bad or bool(torch.isnan(r).any())
+        if refs is not None:
+            r = next(refs)
+            ref_bad = bool(torch.isnan(r).any())
+            ref_nonfinite += ref_bad
+            bad = bad or ref_bad
+            ref_window.append(-r.gather(1, tgt[:, None]).double().sum().item())
             kls.append(kl_per_token(r, logp).numpy())
             agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
+            del r
         nonfinite += bad
+        del logp
     mean = nll_sum / count
+    seconds = time.perf_counter() - t0
     out = {
         "nll_mean": mean,
         "perplexity": math.exp(mean) if mean == mean and mean < 700 else float("inf"),
         "tokens": count,
         "nll_per_window": np.array(per_window),
         "nonfinite": nonfinite,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(count / max(seconds, 1e-9), 1),
     }
-    if ref is not None:
+    if refs is not None:
         from eval.stats import kl_summary
 
         k = np.concatenate(kls)
@@ -134,5 +118,7 @@ def score(
             kl_max=ks["max"],
             top1_agreement=agree / count,
             kl_per_token=k,
+            ref_nll_per_window=np.array(ref_window),
+            ref_nonfinite=ref_nonfinite,
         )
     return out

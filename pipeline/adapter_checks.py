@@ -66,6 +66,7 @@ def _check_shapes(adapter: dict[str, tuple], base: dict[str, tuple], tied: bool,
         if emb:
             base = {**base, "lm_head.weight": base[emb[0]]}
     modules = {k.rsplit(".", 1)[0] for k in base}
+    modules |= {m.rsplit(".", i)[0] for m in list(modules) for i in range(1, m.count(".") + 1)}  # ancestors
     parsed = {k: parse_adapter_key(k) for k in adapter}
     embeddings = {t.module for t in parsed.values() if "embedding_" in t.name}
     resized: int | None = None
@@ -88,7 +89,7 @@ def _check_shapes(adapter: dict[str, tuple], base: dict[str, tuple], tied: bool,
 
     for key, shape in adapter.items():
         t = parsed[key]
-        if t.module not in modules and t.module.rsplit(".", 1)[0] not in modules:
+        if t.module not in modules:
             raise InputError(
                 f"adapter tensor '{key}' targets module '{t.module}', which the base does not have: the "
                 "adapter was trained on a different architecture. Use the base it was trained on."
@@ -176,6 +177,7 @@ def _check_one(adapter_path: str, base_path: str, cfg) -> dict:
         raise InputError(
             f"adapter '{adapter.folder}' holds no tensors (empty target_modules?): it changes nothing to merge."
         )
+    unknown = _check_lora_config(adapter.folder, acfg)
     changed = adapter.changed_modules()
     facts = {
         "peft_type": peft_type,
@@ -188,6 +190,7 @@ def _check_one(adapter_path: str, base_path: str, cfg) -> dict:
         "trained_biases": changed["biases"],
         "trainable_tokens": changed["tokens"],
         "resized_vocab": None,
+        "unknown_config_keys": unknown,
     }
     if not Path(base_path).exists():
         return facts
@@ -196,5 +199,102 @@ def _check_one(adapter_path: str, base_path: str, cfg) -> dict:
     _check_quantization(base.folder, base.config)
     if not base.files:
         return facts
-    facts["resized_vocab"] = _check_shapes(shapes, base.shapes(), base.tied, bool(acfg.get("fan_in_fan_out")))
+    base_shapes = base.shapes()
+    facts["resized_vocab"] = _check_shapes(shapes, base_shapes, base.tied, bool(acfg.get("fan_in_fan_out")))
+    _check_lora_bias(adapter, base_shapes)
+    _check_vocabulary(adapter, base, base_shapes, cfg)
     return facts
+
+
+# Adapter forms whose merged model cannot equal the unmerged one, by design.
+_UNMERGEABLE = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies the adapter only after its invocation tokens; "
+    "merged weights would apply it everywhere",
+    "layer_replication": "layer replication adds decoder layers that share base weights; the merged model "
+    "would need a different architecture",
+    "arrow_config": "Arrow routes each token among several LoRA experts at inference time",
+}
+
+
+def _check_lora_config(folder: Path, acfg: dict) -> list[str]:
+    """Refuse LoRA forms that cannot be merged and configs PEFT would misread; return the keys the
+    installed PEFT does not know (listed in the stage record and the report).
+
+    Raises:
+        InputError: an unmergeable form (named), no ``target_modules``/``target_parameters``, or an
+            unknown key set to a value (the installed PEFT would ignore what it changes).
+    """
+    import dataclasses
+
+    from peft import LoraConfig
+
+    for key, why in _UNMERGEABLE.items():
+        if acfg.get(key):
+            raise InputError(
+                f"adapter '{folder}' uses {key} ({why}): it cannot be folded into the weights. "
+                "Serve it with PEFT unmerged."
+            )
+    if not acfg.get("target_modules") and not acfg.get("target_parameters"):
+        raise InputError(
+            f"adapter '{folder}': adapter_config.json has no target_modules (nor target_parameters), "
+            "so PEFT cannot tell which modules the adapter's tensors belong to. Re-save the adapter with "
+            "the LoraConfig it was trained with."
+        )
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(k for k in acfg if k not in known)
+    changing = [k for k in unknown if acfg[k] not in (None, False, [], {}, "", 0)]
+    if changing:
+        import peft
+
+        raise InputError(
+            f"adapter '{folder}': adapter_config.json sets {changing}, unknown to the installed PEFT "
+            f"{peft.__version__}; PEFT would ignore them and merge something else than what was "
+            "trained. Use the PEFT version the adapter was trained with."
+        )
+    return unknown
+
+
+def _check_lora_bias(adapter: AdapterFiles, base_shapes: dict) -> None:
+    """Refuse ``lora_bias=True`` LoRA biases on modules without a bias in the base.
+
+    Raises:
+        InputError: naming the first such module and the option.
+    """
+    for t in adapter.parsed:
+        if t.kind == "lora_B" and t.name.endswith("lora_B.bias") or t.name.endswith("lora_B.default.bias"):
+            if f"{t.module}.bias" not in base_shapes:
+                raise InputError(
+                    f"adapter '{adapter.folder}' was trained with lora_bias=True, which adds a bias to "
+                    f"'{t.module}', but the base has no bias there: the merged checkpoint would need a "
+                    "new bias the architecture does not have. Retrain with lora_bias=False, or merge into "
+                    "a base whose layers have biases."
+                )
+
+
+def _check_vocabulary(adapter: AdapterFiles, base: Checkpoint, base_shapes: dict, cfg) -> None:
+    """Refuse a vocabulary grown in training when the adapter holds no embedding rows for it.
+
+    Raises:
+        InputError: the tokenizer saved beside the adapter has more tokens than the base has rows,
+            and the adapter carries neither embedding rows nor trainable tokens.
+    """
+    if not adapter.tokenizer_saved:
+        return
+    emb = [k for k in base_shapes if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
+    if not emb:
+        return
+    rows = base_shapes[emb[0]][0]
+    changed = adapter.changed_modules()
+    module = emb[0].removesuffix(".weight")
+    if adapter.embedding_rows(module) or changed["tokens"]:
+        return
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(adapter.folder, trust_remote_code=cfg.base.trust_remote_code))
+    if n > rows:
+        raise InputError(
+            f"adapter '{adapter.folder}': its tokenizer has {n} tokens but the base only {rows} embedding "
+            f"rows, and the adapter holds no embedding rows: training resized the vocabulary but the "
+            "new rows were not saved. Re-save the adapter with save_embedding_layers=True (or train with "
+            "modules_to_save=['embed_tokens', 'lm_head'] or trainable_token_indices)."
+        )

@@ -56,7 +56,7 @@ def _tokenizer_source(cfg) -> str:
     return cfg.base.path
 
 
-def _token_counts(cfg, needs: list[tuple[str, object, int, str, int]]) -> list[str]:
+def _token_counts(cfg, needs: list[tuple[str, object, int, str, int]], skipped: list[str]) -> list[str]:
     """Tokenize each needed text once and compare with what its use needs.
 
     ``needs``: (key, source, tokens needed, what needs them, tokens to take)."""
@@ -67,7 +67,11 @@ def _token_counts(cfg, needs: list[tuple[str, object, int, str, int]]) -> list[s
     problems, counted = [], {}
     for key, src, need, what, take in needs:
         if src.source == "hub":
-            continue  # counted when the stage loads it (needs the network)
+            skipped.append(f"{key}: hub dataset '{src.hub_name}' is counted when its stage loads it")
+            continue
+        if src.source == "file" and not Path(src.path).is_file():
+            skipped.append(f"{key}: file '{src.path}' is not here")
+            continue
         ident = (src.model_dump_json(exclude={"name", "max_tokens"}), take)
         if ident not in counted:
             counted[ident] = len(token_stream(tok, src, take))
@@ -204,7 +208,7 @@ def check_run(cfg, stages: list[str] | None = None, allow_absent: bool = False) 
         problems += _context_problems(cfg, base.config, stages)
         if "requantize" in stages and cfg.requantize.enabled:
             problems += _group_problems(cfg, base)
-        problems += _token_counts(cfg, _text_needs(cfg, stages))
+        problems += _token_counts(cfg, _text_needs(cfg, stages), skipped)
     elif allow_absent:
         skipped.append("text sources were not counted (no tokenizer here)")
     if "evaluate" in stages:

@@ -164,7 +164,6 @@ class Checkpoint:
         self.config = _read_json(
             self.folder / "config.json", f"{what} must be a Hugging Face checkpoint folder (config.json + weights)."
         )
-        self._handle: tuple[Path, object] | None = None
 
     @cached_property
     def files(self) -> list[Path]:
@@ -245,55 +244,108 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its file (the last file opened stays open for the next call)."""
-        from safetensors import safe_open
+        """One tensor, read from its file into fresh memory (:func:`read_tensor`)."""
+        return read_tensor(self.tensors[name].file, name, self._headers)
 
-        info = self.tensors[name]
-        if self._handle is None or self._handle[0] != info.file:
-            self._handle = (info.file, safe_open(info.file, "pt"))
-        return self._handle[1].get_tensor(name)
+    @cached_property
+    def _headers(self) -> dict:
+        return {}
 
-    def close(self) -> None:
-        self._handle = None
+
+def _header(path: Path, cache: dict) -> tuple[dict, int]:
+    """(safetensors header, byte offset of the data section) of ``path``, cached in ``cache``."""
+    if path not in cache:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            cache[path] = (json.loads(fh.read(n)), 8 + n)
+    return cache[path]
+
+
+def read_tensor(path: Path, name: str, cache: dict | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file, read with ``pread`` into a fresh tensor.
+
+    Unlike ``safetensors.safe_open`` (a memory map, whose pages count in the process's resident
+    memory once touched, and which hands out the same shared buffer on every read), this
+    allocates exactly the tensor: reading a 70B checkpoint one tensor at a time keeps the
+    resident memory at the tensor being processed.
+    """
+    header, start = _header(Path(path), {} if cache is None else cache)
+    meta = header[name]
+    lo, hi = meta["data_offsets"]
+    buf = bytearray(hi - lo)
+    with open(path, "rb", buffering=0) as fh:
+        view, pos = memoryview(buf), 0
+        while pos < len(buf):
+            got = os.preadv(fh.fileno(), [view[pos:]], start + lo + pos)
+            if got <= 0:
+                raise InputError(f"'{path}' ends inside tensor '{name}': the file is truncated. Re-download it.")
+            pos += got
+    dtype = _ST_DTYPES[meta["dtype"]]
+    if not buf:
+        return torch.empty(meta["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
 
 
 class ShardWriter:
-    """Write tensors into size-capped safetensors shards, then ``model.safetensors.index.json``.
+    """Write tensors into size-capped safetensors shards as they come, then the index.
 
-    Shards are named ``model-0000i-of-0000n.safetensors`` (``model.safetensors`` when one shard
-    suffices), as ``transformers`` writes them. Write into a temporary folder
-    (:func:`pipeline.common.publish_dir`) so that nothing half-written is ever published.
+    Memory stays at one tensor: each tensor's bytes go to its shard's file at once, behind a
+    header area reserved for the whole shard (``header_bytes``; the header is written last,
+    padded with spaces, which the safetensors format allows). Shards are named
+    ``model-0000i-of-0000n.safetensors`` (``model.safetensors`` when one suffices) and
+    ``model.safetensors.index.json`` is written last, as ``transformers`` does. Write into a
+    temporary folder (:func:`pipeline.common.publish_dir`): nothing half-written is published.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9, metadata: Optional[dict] = None):
-        self.folder, self.max_bytes = Path(folder), max_shard_bytes
+    def __init__(
+        self,
+        folder: Path,
+        max_shard_bytes: int = 5 * 10**9,
+        header_bytes: int = 1 << 20,
+        metadata: Optional[dict] = None,
+    ):
+        self.folder, self.max_bytes, self.header_bytes = Path(folder), max_shard_bytes, header_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
+        self._shards: list[dict] = []
+        self._fh = None
+        self._entries: dict = {}
+        self._pos = 0
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a shard is written once the queue would pass the size cap."""
-        n = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + n > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += n
+        """Write one tensor (a new shard starts once this one would pass the size cap)."""
+        t = tensor.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        if self._fh is not None and self._pos and self._pos + n > self.max_bytes:
+            self._close_shard()
+        if self._fh is None:
+            self._fh = open(self.folder / f".shard-{len(self._shards):05d}.safetensors", "wb")
+            self._fh.seek(8 + self.header_bytes)
+            self._entries, self._pos = {}, 0
+        st = {v: k for k, v in _ST_DTYPES.items()}[t.dtype]
+        self._entries[name] = {"dtype": st, "shape": list(t.shape), "data_offsets": [self._pos, self._pos + n]}
+        if n:
+            self._fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy of the tensor
+        self._pos += n
         self.total_bytes += n
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        i = len(self._shards)
-        save_file(self._pending, self.folder / f".shard-{i:05d}.safetensors", metadata=self.metadata)
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+    def _close_shard(self) -> None:
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        if len(header) > self.header_bytes:
+            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the reserved {self.header_bytes}")
+        self._fh.seek(0)
+        self._fh.write(self.header_bytes.to_bytes(8, "little") + header + b" " * (self.header_bytes - len(header)))
+        self._fh.close()
+        self._shards.append(dict(self._entries))
+        self._fh = None
 
     def finish(self) -> list[Path]:
-        """Write the last shard, name the shards, write the index (more than one shard). Returns the files."""
-        if self._pending or not self._shards:
-            self._flush()
+        """Close the last shard, name the shards, write the index (more than one shard). Returns the files."""
+        if self._fh is not None or not self._shards:
+            if self._fh is None:
+                self._fh = open(self.folder / f".shard-{len(self._shards):05d}.safetensors", "wb")
+                self._entries, self._pos = {}, 0
+            self._close_shard()
         n = len(self._shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, name in enumerate(names):

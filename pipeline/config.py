@@ -186,9 +186,15 @@ class RequantizeSection(_Strict):
     enabled: bool = True
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, description="-1 for per-channel")
-    desc_act: bool = True
+    desc_act: bool = Field(True, description="act-order: quantize columns by decreasing activation (g_idx permuted)")
+    act_group_aware: Optional[bool] = Field(
+        None, description="GPTQModel's group-aware reordering (sequential g_idx); default: on unless desc_act"
+    )
     sym: bool = True
-    damp_percent: float = Field(0.01, gt=0, lt=1)
+    damp_percent: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, fraction of the mean diagonal")
+    damp_auto_increment: float = Field(0.01, ge=0, lt=1, description="damping step when Cholesky fails")
+    mse: float = Field(0.0, ge=0, description="MSE scale search: exponent of the error norm (2.4 as in GPTQ); 0 = off")
+    gptaq_alpha: Optional[float] = Field(None, gt=0, description="GPTAQ (GPTQ v2) with this alpha; None = plain GPTQ")
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
     calibration: TextSource = TextSource(name="calibration", split="train")
@@ -221,7 +227,11 @@ class GPTQSetting(_Strict):
     bits: Optional[Literal[2, 3, 4, 8]] = None
     group_size: Optional[int] = None
     desc_act: Optional[bool] = None
+    act_group_aware: Optional[bool] = None
     sym: Optional[bool] = None
+    damp_percent: Optional[float] = Field(None, gt=0, lt=1)
+    mse: Optional[float] = Field(None, ge=0)
+    gptaq_alpha: Optional[float] = Field(None, gt=0)
 
     @field_validator("group_size")
     @classmethod
@@ -293,7 +303,7 @@ def is_hub_id(s: str) -> bool:
     return bool(_HUB_ID.match(s)) and not s.startswith((".", "/"))
 
 
-def _resolve(value: str, root: Path, key: str) -> str:
+def _resolve(value: str, root: Path, key: str, allow_absent: bool = False) -> str:
     """A model path from the config: an existing local path (relative paths are taken against the
     config file's folder ``root``), else a hub id of the ``owner/name`` form.
 
@@ -301,9 +311,11 @@ def _resolve(value: str, root: Path, key: str) -> str:
         InputError: neither; or a hub id while ``HF_HUB_OFFLINE=1``. The message says where it looked.
     """
     p = Path(value).expanduser()
-    local = p if p.is_absolute() else (root / p)
+    local = Path(os.path.normpath(p if p.is_absolute() else (root / p)))
     if local.exists():
         return str(local.resolve())
+    if allow_absent:
+        return value if is_hub_id(value) else str(local)
     if not is_hub_id(value):
         raise InputError(
             f"{key}: '{value}' is not a local path (looked for '{local}', relative paths are taken "
@@ -318,20 +330,21 @@ def _resolve(value: str, root: Path, key: str) -> str:
     return value
 
 
-def _resolve_paths(cfg: Config, root: Path) -> Config:
-    """``cfg`` with every relative path taken against ``root`` (the config file's folder)."""
+def _resolve_paths(cfg: Config, root: Path, allow_absent: bool = False) -> Config:
+    """``cfg`` with every relative path taken against ``root`` (the config file's folder); model
+    paths absent here are refused unless ``allow_absent``."""
 
     def local(value: Optional[str]) -> Optional[str]:
         if value is None:
             return None
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (root / p).resolve())
+        return os.path.normpath(p if p.is_absolute() else root / p)
 
-    cfg.base.path = _resolve(cfg.base.path, root, "base.path")
+    cfg.base.path = _resolve(cfg.base.path, root, "base.path", allow_absent)
     if cfg.adapter.path:
-        cfg.adapter.path = _resolve(cfg.adapter.path, root, "adapter.path")
+        cfg.adapter.path = _resolve(cfg.adapter.path, root, "adapter.path", allow_absent)
     for i, a in enumerate(cfg.adapter.combine.adapters if cfg.adapter.combine else []):
-        a.path = _resolve(a.path, root, f"adapter.combine.adapters[{i}].path")
+        a.path = _resolve(a.path, root, f"adapter.combine.adapters[{i}].path", allow_absent)
     cfg.output.dir = local(cfg.output.dir)
     cfg.eval.task_dir = local(cfg.eval.task_dir)
     for _, src in cfg.text_sources():
@@ -357,8 +370,8 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None, check
     taken relative to the config file's folder. A model path that is not a local path is
     taken as a hub id only if it has the ``owner/name`` form.
 
-    ``check_paths=False`` validates a config meant for another machine (a GPU host, a hub
-    user): its paths may be absent here.
+    ``check_paths=False`` reads a config meant for another machine (a GPU host, a hub user):
+    its paths are resolved the same way but may be absent here.
 
     Raises:
         InputError: file missing, not YAML, unknown key, a moved key, wrong type, or a path
@@ -389,9 +402,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None, check
             )
             lines.append(f"  {loc}: {msg}")
         raise InputError(f"config '{p}' is invalid:\n" + "\n".join(lines)) from None
-    root = p.resolve().parent
-    if not check_paths:
-        return cfg
-    cfg = _resolve_paths(cfg, root)
-    check_text_files(cfg)
+    cfg = _resolve_paths(cfg, p.resolve().parent, allow_absent=not check_paths)
+    if check_paths:
+        check_text_files(cfg)
     return cfg

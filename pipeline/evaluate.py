@@ -12,22 +12,34 @@ Variants (``eval.variants``):
 Against the reference, each variant also gets a perplexity ratio with a paired-bootstrap
 interval over windows and, per task, a paired exact McNemar test over the same items.
 
-One model in memory at a time: the reference's log-probs are kept on disk
-(:class:`eval.metrics.ReferenceStore`) and every other variant is scored against them.
+Each variant is scored in lockstep with the reference, window by window
+(:func:`eval.metrics.score`): memory holds the reference, one variant and one window's
+distributions, whatever the vocabulary and the number of tokens, and nothing is stored on
+disk. With ``runtime.offload`` (or under ``auto`` when the models do not fit), both run one
+decoder layer at a time (:mod:`pipeline.layerwise`); lm-eval tasks and the in-memory
+baselines need whole models and are then skipped, and the report says why.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from eval import accuracy, baselines, report, stats
-from eval.metrics import ReferenceStore, score
-from pipeline.checkpoint import AdapterFiles
+from eval.metrics import score
+from pipeline.checkpoint import AdapterFiles, Checkpoint
 from pipeline.common import dir_size_bytes, log
 from pipeline.errors import InputError
 from pipeline.layout import MERGE_BASES
-from pipeline.models import apply_runtime, load_causal_lm, load_tokenizer, lora_bytes, reference_model, scoring_dtype
+from pipeline.models import (
+    apply_runtime,
+    checkpoint_source,
+    gptq_source,
+    layerwise_wanted,
+    load_tokenizer,
+    lora_bytes,
+    reference_source,
+    scoring_dtype,
+)
 from pipeline.records import stage_record
 from pipeline.textdata import text_windows
 
@@ -46,39 +58,65 @@ def variant_names(cfg) -> list[str]:
     return names + [f"baseline:{b}" for b in e.baselines]
 
 
-def _load_variant(cfg, name: str, device: str):
+def _load_variant(cfg, name: str, device: str, layerwise: bool):
     """(model, path description, size_bytes) of one variant, or None when it has no artefact."""
     layout = cfg.layout
     if name == "reference":
         adapter = AdapterFiles(cfg.effective_adapter, cfg.adapter.allow_pickle)
-        model = reference_model(cfg, adapter.folder, device)
-        size = model.get_memory_footprint() - lora_bytes(model) + adapter.file.stat().st_size
-        return model, f"{cfg.base.path} (4-bit) + {adapter.folder}", size
+        model = reference_source(cfg, adapter.folder, device, layerwise)
+        size = model.get_memory_footprint() - lora_bytes(model) if not layerwise else _4bit_bytes(cfg)
+        return model, f"{cfg.base.path} (4-bit) + {adapter.folder}", size + adapter.file.stat().st_size
     if name.startswith("baseline:"):
         return baselines.load(cfg, name.split(":", 1)[1], device)
     path = {"merged": layout.merged, "gptq": layout.gptq, "base": layout.dequantized}.get(name, layout.root / name)
     if not path.is_dir():
         return None
-    dtype = None if name.startswith("gptq") else scoring_dtype(cfg.out_dtype, device)
-    return load_causal_lm(path, cfg, device=device, dtype=dtype), str(path), dir_size_bytes(path)
+    if name.startswith("gptq"):
+        return gptq_source(path, cfg, device, layerwise), str(path), dir_size_bytes(path)
+    model = checkpoint_source(path, cfg, device, scoring_dtype(cfg.out_dtype, device), layerwise)
+    return model, str(path), dir_size_bytes(path)
 
 
-def _score_datasets(cfg, name, model, tok, wins, stores, ref_nll) -> dict:
-    """Perplexity, KL and top-1 of one variant on every eval dataset."""
+def _4bit_bytes(cfg) -> int:
+    """Memory of the 4-bit base as training held it: 0.5 byte per quantized weight plus a block
+    absmax (4 bytes per 64), the rest in the compute dtype (an estimate from the headers)."""
+    from pipeline.bnb4 import BaseTensors
+
+    tensors = BaseTensors(Checkpoint(cfg.base.path), cfg, source="dequantized")
+    shapes = tensors.ckpt.shapes()
+    size = tensors.load_dtype.itemsize
+    return int(
+        sum(
+            (0.5 + 4 / 64) * _numel(shapes[p.key])
+            if p.action in ("quantize", "prequantized")
+            else size * _numel(shapes[p.key])
+            for p in tensors.plans
+            if p.key in shapes
+        )
+    )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _score_datasets(cfg, name, model, ref, wins) -> dict:
+    """Perplexity, and against the reference (lockstep) KL and top-1, of one variant on every eval dataset."""
     e = cfg.eval
-    r = {"perplexity": {}, "kl_divergence": {}, "kl_stats": {}, "top1_agreement": {}, "tokens": {}}
+    r = {"perplexity": {}, "kl_divergence": {}, "kl_stats": {}, "top1_agreement": {}, "tokens": {}, "speed": {}}
     for ds in e.datasets:
-        if ds.name not in wins:
-            wins[ds.name] = text_windows(tok, ds, e.seq_len, f"eval.datasets[{ds.name}]", role="eval")
         w = wins[ds.name]
         if name == "reference":
-            s = score(model, w, store=stores[ds.name], progress=f"{name} / {ds.name}")
-            ref_nll[ds.name] = s["nll_per_window"]
+            s = score(model, w, progress=f"{name} / {ds.name}")
             r["kl_divergence"][ds.name], r["top1_agreement"][ds.name] = 0.0, 1.0
+            r["_nll"] = {**r.get("_nll", {}), ds.name: s["nll_per_window"]}
         else:
-            s = score(model, w, ref=stores[ds.name], progress=f"{name} / {ds.name}")
+            s = score(model, w, ref=ref, progress=f"{name} / {ds.name}")
             r.setdefault("perplexity_ratio", {})[ds.name] = stats.perplexity_ratio_ci(
-                ref_nll[ds.name], s["nll_per_window"], e.seq_len - 1, n_boot=e.bootstrap
+                s["ref_nll_per_window"], s["nll_per_window"], e.seq_len - 1, n_boot=e.bootstrap
             )
             r["kl_divergence"][ds.name] = s["kl_divergence"]
             r["top1_agreement"][ds.name] = s["top1_agreement"]
@@ -86,6 +124,11 @@ def _score_datasets(cfg, name, model, tok, wins, stores, ref_nll) -> dict:
             r.setdefault("_kl_samples", {})[ds.name] = s["kl_per_token"]
         r["perplexity"][ds.name] = s["perplexity"]
         r["tokens"][ds.name] = s["tokens"]
+        r["speed"][ds.name] = {
+            "seconds": s["seconds"],
+            "tokens_per_second": s["tokens_per_second"],
+            "with_reference": name != "reference",
+        }
     return r
 
 
@@ -118,35 +161,42 @@ def run(cfg) -> Path:
     with stage_record(layout, "evaluate") as rec:
         device = apply_runtime(cfg.runtime)
         tok = load_tokenizer(layout.merged, cfg)
+        e = cfg.eval
+        layerwise = layerwise_wanted(cfg, sum(t.numel for t in Checkpoint(cfg.base.path).tensors.values()))
+        wins = {
+            ds.name: text_windows(tok, ds, e.seq_len, f"eval.datasets[{ds.name}]", role="eval") for ds in e.datasets
+        }
         results: dict = {}
-        wins: dict = {}
-        ref_nll: dict = {}
-        with contextlib.ExitStack() as stack:
-            stores: dict = {}
-            for name in variant_names(cfg):
-                loaded = _load_variant(cfg, name, device)
-                if loaded is None:
-                    log(f"evaluate: variant '{name}' has no artefact in {layout.root}; skipped")
-                    continue
-                model, path, size = loaded
-                log(f"evaluate: {name} ({path})")
-                if name == "reference":
-                    vocab = model.get_output_embeddings().weight.shape[0]
-                    for ds in cfg.eval.datasets:
-                        wins[ds.name] = text_windows(
-                            tok, ds, cfg.eval.seq_len, f"eval.datasets[{ds.name}]", role="eval"
-                        )
-                        stores[ds.name] = stack.enter_context(
-                            ReferenceStore(len(wins[ds.name]), cfg.eval.seq_len, vocab, folder=layout.scratch)
-                        )
-                r = {"path": path, "size_bytes": size, **_score_datasets(cfg, name, model, tok, wins, stores, ref_nll)}
+        skipped: dict = {}
+        ref = None
+        for name in variant_names(cfg):
+            if layerwise and name.startswith("baseline:"):
+                skipped[name] = "in-memory baselines need the whole model, which does not fit (runtime.offload)"
+                continue
+            loaded = _load_variant(cfg, name, device, layerwise)
+            if loaded is None:
+                log(f"evaluate: variant '{name}' has no artefact in {layout.root}; skipped")
+                continue
+            model, path, size = loaded
+            log(f"evaluate: {name} ({path})")
+            r = {"path": path, "size_bytes": size, **_score_datasets(cfg, name, model, ref, wins)}
+            if layerwise or not hasattr(model, "forward"):
+                r["accuracy"] = {}
+                if e.tasks:
+                    skipped[f"{name}: lm-eval"] = "lm-eval runs whole models; this one runs one layer at a time"
+            else:
                 r.update(_score_tasks(cfg, name, model, tok, results))
-                results[name.removeprefix("baseline:")] = r
+            results[name.removeprefix("baseline:")] = r
+            if name == "reference":
+                ref = model  # stays loaded: every other variant is scored in lockstep with it
+            else:
                 del model
         rec.update(
             artefact=str(layout.report_json),
             variants=list(results),
-            datasets=[d.name for d in cfg.eval.datasets],
-            tasks=cfg.eval.tasks,
+            datasets=[d.name for d in e.datasets],
+            tasks=e.tasks,
+            layerwise=layerwise,
+            skipped=skipped,
         )
     return report.write(cfg, results)  # after the stage record is written, so the report holds it

@@ -36,8 +36,15 @@ def settings_to_check(rq) -> list[tuple[str, object]]:
 
 
 def tag(rq) -> str:
-    """Folder tag of a setting, e.g. ``4bit-g64-act``."""
-    return f"{rq.bits}bit-g{rq.group_size}{'-act' if rq.desc_act else ''}{'' if rq.sym else '-asym'}"
+    """Folder tag of a setting, e.g. ``4bit-g64-act``, ``4bit-g64-asym-mse2.4``."""
+    extra = "-asym" if not rq.sym else ""
+    if not rq.desc_act and rq.act_group_aware is False:
+        extra += "-nogar"
+    if rq.mse:
+        extra += f"-mse{rq.mse:g}"
+    if rq.gptaq_alpha:
+        extra += f"-gptaq{rq.gptaq_alpha:g}"
+    return f"{rq.bits}bit-g{rq.group_size}{'-act' if rq.desc_act else ''}{extra}"
 
 
 def bits_per_weight(rq) -> float:
@@ -76,36 +83,78 @@ def _quiet_gptqmodel() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def quantize(merged_dir: Path, out_dir: Path, rq, calib: list[dict], device: str, log_dir: Path) -> None:
-    """GPTQ-quantize ``merged_dir`` into ``out_dir`` with GPTQModel (``rq``: the requantize section).
+def quantize_config(rq, offload: bool):
+    """GPTQModel's ``QuantizeConfig`` for a ``requantize`` setting: bits, group size, act-order
+    (``desc_act``) or group-aware reordering (``act_group_aware``, on unless ``desc_act``),
+    symmetric, damping (and its automatic increase when the Hessian is not positive definite),
+    MSE scale search (``mse``: the norm's exponent, 0 = off), GPTAQ (``gptaq_alpha``), and disk
+    offload (GPTQModel keeps one layer in memory)."""
+    from gptqmodel import QuantizeConfig
 
-    GPTQModel writes its per-layer quantization log (loss per module) to ``./logs``: the
-    call runs in ``log_dir`` so that it lands in the run folder, not the user's directory.
-    """
-    _quiet_gptqmodel()
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
-
-    merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    qcfg = QuantizeConfig(
+    act_group_aware = (not rq.desc_act) if rq.act_group_aware is None else rq.act_group_aware
+    kw = {"gptaq": {"alpha": rq.gptaq_alpha}} if rq.gptaq_alpha else {}
+    return QuantizeConfig(
         bits=rq.bits,
         group_size=rq.group_size,
         desc_act=rq.desc_act,
         sym=rq.sym,
         damp_percent=rq.damp_percent,
-        act_group_aware=not rq.desc_act,  # GPTQModel turns it off under desc_act anyway
-        offload_to_disk=False,
+        damp_auto_increment=rq.damp_auto_increment,
+        act_group_aware=act_group_aware and not rq.desc_act,
+        mse=rq.mse,
+        offload_to_disk=offload,
+        **kw,
     )
+
+
+def quantize(
+    merged_dir: Path,
+    out_dir: Path,
+    rq,
+    calib: list[dict],
+    device: str,
+    log_dir: Path,
+    dtype: str = "float16",
+    offload: bool = False,
+) -> list[dict]:
+    """GPTQ-quantize ``merged_dir`` into ``out_dir`` with GPTQModel (``rq``: the requantize section).
+
+    Quantization runs in float32 on CPU (float16 on GPU); the checkpoint is written in ``dtype``
+    (float16, or bfloat16 where the merged model is), its ``config.json`` saying so, as GPTQ
+    checkpoints are (serving stacks' GPTQ kernels take half precision). GPTQModel writes its
+    per-layer log to ``./logs``: the call runs in ``log_dir`` so that it lands in the run folder.
+
+    Returns:
+        GPTQModel's per-module log: ``[{"layer", "module", "loss", ...}]``.
+    """
+    _quiet_gptqmodel()
+    from gptqmodel import BACKEND, GPTQModel
+
+    merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    qcfg = quantize_config(rq, offload)
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.chdir(log_dir):
         model = GPTQModel.load(
             str(merged_dir), qcfg, device=device, dtype=torch.float32 if device == "cpu" else torch.float16
         )
-        model.quantize(calib, batch_size=1, backend=BACKEND.AUTO)
+        result = model.quantize(calib, batch_size=1, backend=BACKEND.AUTO)
+        half = getattr(torch, dtype)
+        model.model.to(half)
+        model.model.config.dtype = half
         model.save(str(out_dir))
     # GPTQModel rewrites generation_config.json (do_sample=True); keep the model's own.
     for f in ("generation_config.json", "chat_template.jinja"):
         if (Path(merged_dir) / f).is_file():
             shutil.copy(Path(merged_dir) / f, Path(out_dir) / f)
+    rows = next((v for k, v in (result or {}).items() if k in ("gptq", "gptaq", "foem") and isinstance(v, list)), [])
+    return [
+        {
+            k: (float(v) if k == "loss" else v)
+            for k, v in r.items()
+            if k in ("layer", "module", "loss", "samples", "damp", "time")
+        }
+        for r in rows
+    ]
 
 
 def reload_check(out_dir: Path, calib: list[dict], cfg, device: str) -> float:
@@ -118,7 +167,7 @@ def reload_check(out_dir: Path, calib: list[dict], cfg, device: str) -> float:
     from pipeline.models import load_causal_lm
 
     try:
-        model = load_causal_lm(out_dir, cfg, device=device)
+        model = load_causal_lm(out_dir, cfg, device=device, dtype=torch.float32 if device == "cpu" else None)
         ids = torch.tensor([calib[0]["input_ids"]], device=model.device)
         with torch.no_grad():
             out = model(input_ids=ids, labels=ids)
@@ -138,3 +187,78 @@ def check_group_sizes(settings, widths: dict[str, int], where: str = "requantize
     for key, s in settings:
         if problem := group_size_problem(widths, s.group_size):
             raise InputError(f"{key}.{problem}")
+
+
+# --- reading a GPTQ checkpoint back as floats -------------------------------------------------------
+# GPTQ v1 layout (AutoGPTQ/GPTQModel "gptq" format), per quantized Linear <p> with `in` inputs, `out`
+# outputs, b bits, G groups: <p>.qweight int32 [in*b/32, out] (codes along the input dim, LSB first),
+# <p>.qzeros int32 [G, out*b/32] (zero - 1 in v1), <p>.scales fp16 [G, out], <p>.g_idx int32 [in].
+# W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o]), computed in the scales' dtype (fp16) as
+# GPTQModel's torch kernel (TorchLinear) does; tests/test_gptq.py shows the float model equal to it.
+
+_MASK32 = (1 << 32) - 1
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
+    """``bits``-bit codes packed LSB-first in int32 words along ``dim`` (0: rows, as ``qweight``;
+    1: columns, as ``qzeros``), unpacked to int64 with ``n`` entries along that dim (3-bit codes
+    straddle words: 32 codes per 3 words)."""
+    w = (packed if dim == 0 else packed.t()).to(torch.int64) & _MASK32
+    blocks = w.view(w.shape[0] // bits, bits, -1)
+    mask = (1 << bits) - 1
+    codes = []
+    for k in range(32):
+        off = k * bits
+        wi, sh = off // 32, off % 32
+        v = blocks[:, wi] >> sh
+        if sh + bits > 32:
+            v = v | (blocks[:, wi + 1] << (32 - sh))
+        codes.append(v & mask)
+    out = torch.stack(codes, dim=1).reshape(-1, w.shape[1])[:n]
+    return out if dim == 0 else out.t()
+
+
+def dequantize_linear(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
+    """The float weight ``[out, in]`` (float32) of one GPTQ Linear, as GPTQModel's torch kernel computes it
+    (v1 zeros stored as zero - 1; the product rounded to the scales' dtype)."""
+    in_features, out_features = g_idx.numel(), scales.shape[1]
+    z = unpack_codes(qzeros, bits, out_features, dim=1)
+    if checkpoint_format == "gptq":
+        z = (z + 1) & ((1 << bits) - 1)  # v1 -> v2, as the kernels convert on load (per field, wrapping)
+    q = unpack_codes(qweight, bits, in_features, dim=0)
+    g = g_idx.long()
+    w = scales.float()[g] * (q - z[g]).float()  # exact in float32: |q - z| <= 2^bits
+    return w.to(scales.dtype).t().contiguous().float()
+
+
+class GPTQTensors:
+    """A GPTQ checkpoint's parameters as floats, one at a time (``get(name) -> float32``): a quantized
+    ``<p>.weight`` is dequantized from ``qweight``/``qzeros``/``scales``/``g_idx``; the rest is read as stored."""
+
+    def __init__(self, path):
+        from pipeline.checkpoint import Checkpoint
+
+        self.ckpt = Checkpoint(path, what="GPTQ checkpoint")
+        qc = self.ckpt.quantization_config or {}
+        self.format = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+        self.quantized = {k[: -len(".qweight")] for k in self.ckpt.tensors if k.endswith(".qweight")}
+
+    def get(self, name: str) -> torch.Tensor:
+        p = name.removesuffix(".weight")
+        if name.endswith(".weight") and p in self.quantized:
+            g_idx = self.ckpt.get(p + ".g_idx")
+            qweight = self.ckpt.get(p + ".qweight")
+            bits = qweight.shape[0] * 32 // g_idx.numel()
+            return dequantize_linear(
+                qweight, self.ckpt.get(p + ".qzeros"), self.ckpt.get(p + ".scales"), g_idx, bits, self.format
+            )
+        return self.ckpt.get(name).float()
+
+    def config(self):
+        """The checkpoint's config without its ``quantization_config`` (a plain float model's)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.ckpt.folder)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        return config

@@ -160,3 +160,75 @@ def reference_model(cfg, adapter: str | Path, device: str):
 def lora_bytes(model) -> int:
     """Bytes of a PEFT model's adapter parameters (``lora_*``)."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def layerwise_wanted(cfg, params: int) -> bool:
+    """Whether to score one decoder layer at a time (``runtime.offload``): ``on``, ``off``, or under
+    ``auto`` when the reference plus one variant in float32 (about 4.5 bytes per parameter) would
+    take more than half of the memory available now."""
+    if cfg.runtime.offload != "auto":
+        return cfg.runtime.offload == "on"
+    import psutil
+
+    return 4.5 * params > 0.5 * psutil.virtual_memory().available
+
+
+def reference_source(cfg, adapter, device: str, layerwise: bool):
+    """The reference as a scoring source: the whole model (:func:`reference_model`) or, one
+    decoder layer at a time, :func:`pipeline.layerwise.reference_lm` (equal on the tiny models:
+    ``tests/test_layerwise.py``)."""
+    if layerwise:
+        from pipeline.layerwise import reference_lm
+
+        return reference_lm(cfg, adapter, device)
+    return reference_model(cfg, adapter, device)
+
+
+def checkpoint_source(path, cfg, device: str, dtype, layerwise: bool):
+    """An ordinary checkpoint as a scoring source, whole or one decoder layer at a time, in ``dtype``."""
+    if layerwise:
+        from pipeline.layerwise import plain_lm
+
+        return plain_lm(path, cfg, dtype, device)
+    return load_causal_lm(path, cfg, device=device, dtype=dtype)
+
+
+def unmerged_original_source(cfg, adapter, device: str, layerwise: bool):
+    """The full-precision base with the adapter applied unmerged by PEFT (float32): the
+    ``original`` merge candidate's own unmerged model."""
+    from peft import PeftModel
+
+    from pipeline.checkpoint import AdapterFiles
+
+    if layerwise:
+        from pipeline.layerwise import unmerged_lm
+
+        return unmerged_lm(cfg, adapter, device)
+    model = load_causal_lm(cfg.base.path, cfg, device=device, dtype=torch.float32)
+    emb = model.get_input_embeddings()
+    rows = AdapterFiles(adapter, cfg.adapter.allow_pickle).embedding_rows(
+        next(n for n, m in model.named_modules() if m is emb)
+    )
+    if rows and rows != emb.weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+def gptq_source(path, cfg, device: str, layerwise: bool = False):
+    """A GPTQ checkpoint as a scoring source. On GPU: reloaded with plain ``transformers`` (its GPTQ
+    kernel). On CPU: a float32 model holding each quantized weight dequantized once from
+    ``qweight``/``qzeros``/``scales``/``g_idx`` (:class:`pipeline.gptq.GPTQTensors`), equal to the
+    torch GPTQ kernel's weights and many times faster than the CPU kernels (``tests/test_gptq.py``)."""
+    if device == "cuda":
+        return load_causal_lm(path, cfg, device=device)
+    from pipeline.gptq import GPTQTensors
+    from pipeline.layerwise import LayerwiseLM, PlainFiller, materialize, skeleton
+    from pipeline.lora import tied_aliases
+
+    tensors = GPTQTensors(path)
+    config = tensors.config()
+    model = skeleton(config).eval()
+    filler = PlainFiller(tensors, torch.float32, device, tied_aliases(model))
+    if layerwise:
+        return LayerwiseLM(model, filler, config.get_text_config().vocab_size, device)
+    return materialize(model, filler)

@@ -15,26 +15,38 @@ import shutil
 import time
 from pathlib import Path
 
-from eval.metrics import ReferenceStore, score
+import numpy as np
+
+from eval.metrics import score
 from pipeline import gptq
 from pipeline.checkpoint import Checkpoint
 from pipeline.common import dir_size_bytes, log, publish_dir, within
 from pipeline.errors import InputError, VerificationError
-from pipeline.models import apply_runtime, load_causal_lm, load_tokenizer, reference_model
+from pipeline.models import apply_runtime, gptq_source, layerwise_wanted, load_tokenizer, reference_model
 from pipeline.records import BudgetTry, GPTQBuild, stage_record
 from pipeline.textdata import calibration_windows, text_windows
 
 
-def build(cfg, rq, out: Path, calib: list[dict], device: str) -> GPTQBuild:
+def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = False) -> GPTQBuild:
     """Quantize ``merged/`` with setting ``rq`` into ``out`` (atomic), reload-check it."""
     layout = cfg.layout
     t0 = time.perf_counter()
+    half = cfg.out_dtype if cfg.out_dtype in ("float16", "bfloat16") else "float16"
     log(
         f"requantize: GPTQ {gptq.tag(rq)} ({len(calib)} x {rq.seq_len} calibration tokens from "
         f"'{rq.calibration.name}', {device}) -> {out}"
     )
     with publish_dir(out) as tmp:
-        gptq.quantize(layout.merged, tmp, rq, calib, device, log_dir=layout.stage_logs("requantize") / gptq.tag(rq))
+        losses = gptq.quantize(
+            layout.merged,
+            tmp,
+            rq,
+            calib,
+            device,
+            log_dir=layout.stage_logs("requantize") / gptq.tag(rq),
+            dtype=half,
+            offload=offload,
+        )
         nll = gptq.reload_check(tmp, calib, cfg, device)
     return {
         "artefact": str(out),
@@ -42,19 +54,26 @@ def build(cfg, rq, out: Path, calib: list[dict], device: str) -> GPTQBuild:
         "bits": rq.bits,
         "group_size": rq.group_size,
         "desc_act": rq.desc_act,
+        "act_group_aware": (not rq.desc_act) if rq.act_group_aware is None else rq.act_group_aware,
         "sym": rq.sym,
+        "mse": rq.mse,
+        "damp_percent": rq.damp_percent,
+        "gptaq_alpha": rq.gptaq_alpha,
+        "dtype": half,
         "bits_per_weight": round(gptq.bits_per_weight(rq), 3),
         "reload_calibration_nll": nll,
         "size_bytes": dir_size_bytes(out),
         "seconds": round(time.perf_counter() - t0, 1),
+        "module_losses": losses,
     }
 
 
-def within_budget(cfg, candidate: Path, store, wins, ref_ppl: float, device: str) -> dict:
-    """Score a GPTQ checkpoint against the reference on the verify windows; apply the budget
-    (fails closed: a NaN loss is never within budget)."""
+def within_budget(cfg, candidate: Path, ref, wins, device: str) -> dict:
+    """Score a GPTQ checkpoint against the reference (in lockstep) on the verify windows; apply the
+    budget (fails closed: a NaN loss is never within budget)."""
     b = cfg.requantize.budget
-    s = score(load_causal_lm(candidate, cfg, device=device), wins, ref=store)
+    s = score(gptq_source(candidate, cfg, device), wins, ref=ref)
+    ref_ppl = float(np.exp(s["ref_nll_per_window"].sum() / s["tokens"]))
     inc = s["perplexity"] / ref_ppl - 1
     ok = (
         (b.max_perplexity_increase is None or within(inc, b.max_perplexity_increase))
@@ -66,11 +85,12 @@ def within_budget(cfg, candidate: Path, store, wins, ref_ppl: float, device: str
         "perplexity_increase": inc,
         "kl_divergence": s["kl_divergence"],
         "top1_agreement": s["top1_agreement"],
+        "reference_perplexity": ref_ppl,
         "within_budget": ok,
     }
 
 
-def _budget(cfg, calib, device, rec) -> Path:
+def _budget(cfg, calib, device, rec, offload: bool) -> Path:
     """Try the budget's settings from the smallest checkpoint up; publish the first within budget as ``gptq``."""
     rq, layout, b = cfg.requantize, cfg.layout, cfg.requantize.budget
     settings = sorted((gptq.resolve(rq, s) for s in b.settings), key=gptq.bits_per_weight)
@@ -80,34 +100,29 @@ def _budget(cfg, calib, device, rec) -> Path:
     ref = reference_model(cfg, cfg.effective_adapter, device)
     tried: list[BudgetTry] = []
     chosen = None
-    with ReferenceStore(
-        len(wins), cfg.verify.seq_len, ref.get_output_embeddings().weight.shape[0], folder=layout.scratch
-    ) as store:
-        ref_ppl = score(ref, wins, store=store)["perplexity"]
-        del ref
-        for s in settings:
-            out = layout.gptq_alternative(gptq.tag(s))
-            r: BudgetTry = {
-                **build(cfg, s, out, calib, device),
-                **within_budget(cfg, out, store, wins, ref_ppl, device),
-            }
-            log(
-                f"requantize: budget: {gptq.tag(s)} perplexity {r['perplexity_increase']:+.2%}, KL "
-                f"{r['kl_divergence']:.4g} -> {'kept' if r['within_budget'] else 'rejected'}"
-            )
-            tried.append(r)
-            if r["within_budget"]:
-                chosen = s
-                shutil.rmtree(layout.gptq, ignore_errors=True)
-                out.rename(layout.gptq)
-                r["artefact"] = str(layout.gptq)
-                break
-            shutil.rmtree(out)  # a rejected checkpoint is not kept
-            r["artefact"] = None
+    for s in settings:
+        out = layout.gptq_alternative(gptq.tag(s))
+        r: BudgetTry = {
+            **build(cfg, s, out, calib, device, offload),
+            **within_budget(cfg, out, ref, wins, device),
+        }
+        log(
+            f"requantize: budget: {gptq.tag(s)} perplexity {r['perplexity_increase']:+.2%}, KL "
+            f"{r['kl_divergence']:.4g} -> {'kept' if r['within_budget'] else 'rejected'}"
+        )
+        tried.append(r)
+        if r["within_budget"]:
+            chosen = s
+            shutil.rmtree(layout.gptq, ignore_errors=True)
+            out.rename(layout.gptq)
+            r["artefact"] = str(layout.gptq)
+            break
+        shutil.rmtree(out)  # a rejected checkpoint is not kept
+        r["artefact"] = None
     rec["budget"] = {
         "max_perplexity_increase": b.max_perplexity_increase,
         "max_kl": b.max_kl,
-        "reference_perplexity": ref_ppl,
+        "reference_perplexity": tried[0]["reference_perplexity"] if tried else None,
         "data": cfg.verify.data.name,
         "tried": tried,
         "chosen": gptq.tag(chosen) if chosen else None,
@@ -146,19 +161,21 @@ def run(cfg) -> Path | None:
         widths = gptq.linear_in_features(merged.shapes(), conv1d_names(AutoConfig.from_pretrained(layout.merged)))
         gptq.check_group_sizes(gptq.settings_to_check(rq), widths)  # refuse before any work
         device = apply_runtime(cfg.runtime)
+        offload = layerwise_wanted(cfg, sum(t.numel for t in merged.tensors.values()))
         calib = calibration_windows(load_tokenizer(layout.merged, cfg), rq.calibration, rq.num_samples, rq.seq_len)
         if rq.budget:
-            out = _budget(cfg, calib, device, rec)
+            out = _budget(cfg, calib, device, rec, offload)
             main = next(t for t in rec["budget"]["tried"] if t["within_budget"])
         else:
             out = layout.gptq
-            main = build(cfg, rq, out, calib, device)
+            main = build(cfg, rq, out, calib, device, offload)
         rec.update(main)
         rec["alternatives"] = [
-            build(cfg, s, layout.gptq_alternative(gptq.tag(s)), calib, device)
+            build(cfg, s, layout.gptq_alternative(gptq.tag(s)), calib, device, offload)
             for s in (gptq.resolve(rq, a) for a in rq.alternatives)
         ]
         rec.update(
+            offload_to_disk=offload,
             damp_percent=rq.damp_percent,
             calibration=rq.calibration.name,
             calibration_rows=len(calib),

@@ -21,17 +21,27 @@ Both candidates are also measured against the reference (KL, perplexity). The ch
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from eval.metrics import ReferenceStore, score
+from eval.metrics import score
 from pipeline.checkpoint import AdapterFiles, Checkpoint
 from pipeline.common import log, within
 from pipeline.errors import InputError, VerificationError
 from pipeline.layout import MERGE_BASES
-from pipeline.models import apply_runtime, load_causal_lm, load_tokenizer, reference_model, scoring_dtype
+from pipeline.models import (
+    apply_runtime,
+    checkpoint_source,
+    layerwise_wanted,
+    load_tokenizer,
+    reference_source,
+    scoring_dtype,
+    unmerged_original_source,
+)
 from pipeline.records import VerifyCandidate, read_record, stage_record
 from pipeline.textdata import text_windows
 
@@ -85,19 +95,6 @@ def choose(want: str, results: dict[str, VerifyCandidate]) -> tuple[str, str]:
     return best, f"auto: lowest perplexity on the verify text ({ppl})"
 
 
-def _unmerged_original(cfg, adapter: AdapterFiles, device: str):
-    """The full-precision base with the adapter applied unmerged by PEFT (the ``original``
-    candidate's own unmerged model)."""
-    from peft import PeftModel
-
-    model = load_causal_lm(cfg.base.path, cfg, device=device, dtype=torch.float32)
-    emb = model.get_input_embeddings()
-    rows = adapter.embedding_rows(next(n for n, m in model.named_modules() if m is emb))
-    if rows and rows != emb.weight.shape[0]:
-        model.resize_token_embeddings(rows, mean_resizing=False)
-    return PeftModel.from_pretrained(model, str(adapter.folder)).eval()
-
-
 def _exactness_problems(s: dict, max_kl: float, base: str) -> list[str]:
     """The gate on one candidate's score against its own unmerged model (fails closed)."""
     problems = []
@@ -114,23 +111,66 @@ def _exactness_problems(s: dict, max_kl: float, base: str) -> list[str]:
     return problems
 
 
-def _check_candidate(cfg, base: str, wins, ref_store, device, adapter, adapted, resized, max_kl) -> VerifyCandidate:
-    """Structural checks and the KL gate for ``merged-<base>.unverified``; its figures against the reference."""
+_DTYPE_MAX = {"float16": 65504.0}
+
+
+@contextlib.contextmanager
+def activation_range(model, dtype_name: str):
+    """Record, with forward hooks, the first module whose output leaves the range of ``dtype_name``
+    (float16: |x| > 65504) while ``model`` runs (in float32 on CPU). Yields a dict that holds
+    ``first`` (module name, max |output|) or nothing; a no-op for dtypes with float32's range."""
+    found: dict = {}
+    limit = _DTYPE_MAX.get(dtype_name)
+    handles = []
+    if limit is not None:
+        target = model.model if hasattr(model, "filler") else model
+
+        def hook(name):
+            def fn(module, args, out):
+                t = out[0] if isinstance(out, tuple) else out
+                if "first" not in found and isinstance(t, torch.Tensor) and t.is_floating_point():
+                    peak = t.detach().abs().max().item() if t.numel() else 0.0
+                    if peak > limit:
+                        found["first"] = (name, peak)
+
+            return fn
+
+        for name, m in target.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(hook(name)))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_candidate(
+    cfg, base: str, wins, ref, device, adapter, adapted, resized, max_kl, layerwise
+) -> VerifyCandidate:
+    """Structural checks, the activation range of the output dtype, and the KL gate for
+    ``merged-<base>.unverified``; its figures against the reference."""
     layout = cfg.layout
     path = layout.candidate(base)
     base_ckpt = layout.dequantized if base == "dequantized" and layout.dequantized.is_dir() else cfg.base.path
     problems = structural_checks(path, base_ckpt, adapted, resized)
-    model = load_causal_lm(path, cfg, device=device, dtype=scoring_dtype(cfg.out_dtype, device))
+    model = checkpoint_source(path, cfg, device, scoring_dtype(cfg.out_dtype, device), layerwise)
+    if base == "original":
+        own = unmerged_original_source(cfg, adapter.folder, device, layerwise)
+        s_exact = score(model, wins, ref=own, progress="verify: original, against its own unmerged model")
+        del own
+    with activation_range(model, cfg.out_dtype) as overflow:
+        s_ref = score(model, wins, ref=ref, progress=f"verify: merged ({base}) against the reference")
     if base == "dequantized":
-        s_ref = s_exact = score(model, wins, ref=ref_store, progress=f"verify: merged ({base})")
-    else:
-        del model
-        with ReferenceStore(len(wins), wins.shape[1], ref_store.vocab, folder=layout.scratch) as own:
-            score(_unmerged_original(cfg, adapter, device), wins, store=own, progress="verify: original unmerged")
-            model = load_causal_lm(path, cfg, device=device, dtype=scoring_dtype(cfg.out_dtype, device))
-            s_exact = score(model, wins, ref=own, progress=f"verify: merged ({base})")
-        s_ref = score(model, wins, ref=ref_store)
+        s_exact = s_ref
     del model
+    if "first" in overflow:
+        name, peak = overflow["first"]
+        problems.append(
+            f"activations leave the {cfg.out_dtype} range: module '{name}' outputs |x| = {peak:.4g} > "
+            f"{_DTYPE_MAX[cfg.out_dtype]:g}; run in {cfg.out_dtype}, the published checkpoint would give "
+            "inf/NaN. Set dequantize.dtype: bfloat16."
+        )
     problems += _exactness_problems(s_exact, max_kl, base)
     return {
         "passed": not problems,
@@ -140,6 +180,8 @@ def _check_candidate(cfg, base: str, wins, ref_store, device, adapter, adapted, 
         "kl_max": s_ref["kl_max"],
         "top1_agreement": s_ref["top1_agreement"],
         "perplexity": s_ref["perplexity"],
+        "reference_perplexity": float(np.exp(s_ref["ref_nll_per_window"].sum() / s_ref["tokens"])),
+        "reference_nonfinite": s_ref["ref_nonfinite"],
     }
 
 
@@ -181,25 +223,29 @@ def run(cfg) -> Path:
         wins = text_windows(
             load_tokenizer(layout.candidate(cands[0]), cfg), v.data, v.seq_len, "verify.data", role="verify"
         )
-        log(f"verify: {cands} on {wins.numel()} tokens of '{v.data.name}', exactness bound {max_kl:g} nats/token")
-        ref = reference_model(cfg, adapter.folder, device)
-        vocab = ref.get_output_embeddings().weight.shape[0]
-        with ReferenceStore(len(wins), v.seq_len, vocab, folder=layout.scratch) as ref_store:
-            ref_score = score(ref, wins, store=ref_store, progress="verify: reference")
-            del ref
-            results = {
-                b: _check_candidate(
-                    cfg, b, wins, ref_store, device, adapter, adapted, merge_rec.get("resized_vocab"), max_kl
-                )
-                for b in cands
-            }
-        if ref_score.get("nonfinite"):
+        base = Checkpoint(cfg.base.path)
+        layerwise = layerwise_wanted(cfg, sum(t.numel for t in base.tensors.values()))
+        log(
+            f"verify: {cands} on {wins.numel()} tokens of '{v.data.name}', exactness bound {max_kl:g} nats/token"
+            f"{', one decoder layer at a time' if layerwise else ''}"
+        )
+        ref = reference_source(cfg, adapter.folder, device, layerwise)
+        results = {
+            b: _check_candidate(
+                cfg, b, wins, ref, device, adapter, adapted, merge_rec.get("resized_vocab"), max_kl, layerwise
+            )
+            for b in cands
+        }
+        del ref
+        ref_ppl = next(r["reference_perplexity"] for r in results.values())
+        if any(r.get("reference_nonfinite") for r in results.values()) or not np.isfinite(ref_ppl):
             for r in results.values():
                 r["passed"] = False
                 r["problems"].insert(
                     0,
-                    f"the reference (4-bit base + adapter, as PEFT runs it) gives non-finite "
-                    f"logits in {ref_score['nonfinite']} windows; nothing can be verified against it",
+                    "the reference (4-bit base + adapter, as PEFT runs it) gives non-finite "
+                    "logits; nothing can be verified against it (a float16 compute dtype "
+                    "overflowing? train and merge with bfloat16)",
                 )
         chosen, reason = choose(cfg.merge.base, results)
         _publish(layout, results, chosen)
@@ -211,9 +257,10 @@ def run(cfg) -> Path:
             kl_max=c["kl_max"],
             top1_agreement=c["top1_agreement"],
             max_kl=max_kl,
-            tokens=ref_score["tokens"],
+            tokens=int(wins[:, 1:].numel()),
             data=v.data.name,
-            reference_perplexity=ref_score["perplexity"],
+            reference_perplexity=ref_ppl,
+            layerwise=layerwise,
             merge_base=chosen,
             merge_base_reason=reason,
             candidates=results,

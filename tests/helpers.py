@@ -148,3 +148,13 @@ def run_stages(cfg, upto: str = "verify", first: str = "dequantize"):
     for name in STAGE_NAMES[STAGE_NAMES.index(first) : STAGE_NAMES.index(upto) + 1]:
         out = importlib.import_module(f"pipeline.{name}").run(cfg)
     return out
+
+
+def dequantize_model_whole(model, dtype):
+    """The whole-model dequantization (``transformers``' ``PreTrainedModel.dequantize``, i.e.
+    bitsandbytes' ``dequantize_4bit`` per ``Linear4bit``), as an independent oracle for the
+    streamed reconstruction. GPT-2 ``Conv1D`` layers come back as ``nn.Linear`` [out, in]."""
+    from pipeline.bnb4 import check_not_repacked
+
+    check_not_repacked(model)
+    return model.dequantize(dtype=dtype)

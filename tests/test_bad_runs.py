@@ -26,7 +26,6 @@ def _cli(cfg, tmp_path, *args):
 def test_stages_out_of_order_exit_2(tiny_base, tiny_adapter, tmp_path):
     cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs")
     for stage, needle in (
-        ("merge", "run the dequantize stage first"),
         ("verify", "run the merge stage first"),
         ("evaluate", "run the merge and verify stages first"),
     ):

@@ -11,7 +11,7 @@ from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
 from helpers import tiny_config
 from pipeline.models import load_4bit_base
-from pipeline.bnb4 import dequantize_model
+from helpers import dequantize_model_whole as dequantize_model
 from pipeline.errors import InputError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import ReferenceStore, kl_per_token, score
+from eval.metrics import kl_per_token, score
 from eval.stats import kl_summary, paired_accuracy, perplexity_ratio_ci
 
 
@@ -50,25 +50,23 @@ def test_score_perplexity_and_kl_on_fixed_logits():
     # targets [1, 2, 1]: p = 0.25, 0.5, 0.8 (product 0.1); targets [2, 0, 1]: p = 0.25, 0.2, 0.8 (product 0.04)
     # perplexity = exp(mean NLL) = (0.1 * 0.04) ** (-1/6) = 0.004 ** (-1/6) = 2.509901442183411
     ref_model = FixedLogits(PROBS.log())
-    store = ReferenceStore(len(wins), 4, 3)
-    try:
-        r = score(ref_model, wins, store=store)
-        assert r["tokens"] == 6
-        assert r["perplexity"] == pytest.approx(2.509901442183411, rel=1e-6)
-        assert r["nll_mean"] == pytest.approx(-math.log(0.004) / 6, rel=1e-6)
-        # a uniform variant: per position KL(P || U) = ln 3 - H(P); rows 0..2:
-        # ln3 - 1.0397207708399179, ln3 - 1.0296530140645737, ln3 - 0.639031859650177
-        v = score(FixedLogits(torch.zeros(4, 3)), wins, ref=store)
-        want = np.tile([0.05889151782819191, 0.06895927460353612, 0.45958042901793283], 2)
-        np.testing.assert_allclose(v["kl_per_token"], want, rtol=1e-5)
-        assert v["kl_divergence"] == pytest.approx(want.mean(), rel=1e-5)
-        assert v["perplexity"] == pytest.approx(3.0, rel=1e-6)
-        if "nll_per_window" in r:  # per-window sums feed perplexity_ratio_ci: -ln 0.1, -ln 0.04 nats
-            np.testing.assert_allclose(r["nll_per_window"], [2.3025850929940455, 3.2188758248682006], rtol=1e-6)
-            ratio = perplexity_ratio_ci(r["nll_per_window"], v["nll_per_window"], 3)["ratio"]
-            assert ratio == pytest.approx(3.0 / 2.509901442183411, rel=1e-6)
-    finally:
-        store.close()
+    # the variant is scored in lockstep with the reference, window by window
+    r = score(ref_model, wins)
+    assert r["tokens"] == 6
+    assert r["perplexity"] == pytest.approx(2.509901442183411, rel=1e-6)
+    assert r["nll_mean"] == pytest.approx(-math.log(0.004) / 6, rel=1e-6)
+    # a uniform variant: per position KL(P || U) = ln 3 - H(P); rows 0..2:
+    # ln3 - 1.0397207708399179, ln3 - 1.0296530140645737, ln3 - 0.639031859650177
+    v = score(FixedLogits(torch.zeros(4, 3)), wins, ref=ref_model)
+    want = np.tile([0.05889151782819191, 0.06895927460353612, 0.45958042901793283], 2)
+    np.testing.assert_allclose(v["kl_per_token"], want, rtol=1e-5)
+    assert v["kl_divergence"] == pytest.approx(want.mean(), rel=1e-5)
+    assert v["perplexity"] == pytest.approx(3.0, rel=1e-6)
+    if "nll_per_window" in r:  # per-window sums feed perplexity_ratio_ci: -ln 0.1, -ln 0.04 nats
+        np.testing.assert_allclose(r["nll_per_window"], [2.3025850929940455, 3.2188758248682006], rtol=1e-6)
+        ratio = perplexity_ratio_ci(r["nll_per_window"], v["nll_per_window"], 3)["ratio"]
+        assert ratio == pytest.approx(3.0 / 2.509901442183411, rel=1e-6)
+    np.testing.assert_allclose(v["ref_nll_per_window"], r["nll_per_window"], rtol=1e-12)
 
 
 # --- perplexity_ratio_ci ------------------------------------------------------------------
