@@ -49,11 +49,14 @@ def _quiet() -> None:
 def run_tasks(
     model, tokenizer, tasks: list[str], task_dir: str | None = None, limit: int | None = None, batch_size: int = 8
 ) -> tuple[dict, dict]:
-    """Accuracy of ``model`` on each task.
+    """Accuracy of ``model`` on each task, one ``simple_evaluate`` per task (so each task's time is
+    its own), requests batched ``batch_size`` at a time.
 
     Returns:
-        (``{task: {"acc", "acc_stderr", "n"}}``, ``{task: [0/1 per item, in file order]}``).
+        (``{task: {"acc", "acc_stderr", "n", "seconds"}}``, ``{task: [0/1 per item, in file order]}``).
     """
+    import time
+
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -61,23 +64,28 @@ def run_tasks(
     _quiet()
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    configs = [task_config(t, task_dir) for t in tasks]
-    out = simple_evaluate(
-        model=lm,
-        tasks=configs,
-        task_manager=TaskManager(include_defaults=False),
-        limit=limit,
-        log_samples=True,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-    )
     acc, items = {}, {}
-    for cfg in configs:
+    for cfg in (task_config(t, task_dir) for t in tasks):
+        t0 = time.perf_counter()
+        out = simple_evaluate(
+            model=lm,
+            tasks=[cfg],
+            task_manager=TaskManager(include_defaults=False),
+            limit=limit,
+            log_samples=True,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
         t = cfg["task"]
         r = out["results"][t]
         samples = sorted(out["samples"][t], key=lambda s: s["doc_id"])
-        acc[t] = {"acc": r["acc,none"], "acc_stderr": r["acc_stderr,none"], "n": len(samples)}
+        acc[t] = {
+            "acc": r["acc,none"],
+            "acc_stderr": r["acc_stderr,none"],
+            "n": len(samples),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         items[t] = [int(s["acc"]) for s in samples]
     return acc, items

@@ -166,6 +166,7 @@ def markdown(doc: dict) -> str:
             f"{t['top1_agreement']:.4f} | {'kept' if t['within_budget'] else 'rejected'} |"
             for t in b["tried"]
         ] + [""]
+    lines += _timing(doc)
     lines += ["## Protocol", ""] + [f"- {k}: {val}" for k, val in doc["protocol"].items()] + [""]
     if "adapter_training" in doc:
         t = doc["adapter_training"]
@@ -183,6 +184,35 @@ def markdown(doc: dict) -> str:
         )
     lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in doc["versions"].items() if val), ""]
     return "\n".join(lines)
+
+
+def _timing(doc: dict) -> list[str]:
+    """Where the evaluate stage's time went: per variant, the forward passes (tokens/s; every
+    variant but the reference is scored in lockstep with it, so its rows include a reference
+    forward) and each lm-eval task; what was skipped and why."""
+    v = doc["variants"]
+    tasks = sorted({t for r in v.values() for t in r.get("accuracy", {})})
+    head = "| variant | forward seconds | tokens/s |" + "".join(f" {t} seconds |" for t in tasks)
+    lines = ["## Evaluation time", "", head, "|" + "---|" * (head.count("|") - 1)]
+    forwards = 0.0
+    for name, r in v.items():
+        sp = r.get("speed") or {}
+        secs = sum(x["seconds"] for x in sp.values())
+        toks = sum(r.get("tokens", {}).values())
+        forwards += secs
+        row = f"| {name} | {secs:.1f} | {toks / secs if secs else 0:.0f} |"
+        row += "".join(f" {r.get('accuracy', {}).get(t, {}).get('seconds', '')} |" for t in tasks)
+        lines.append(row)
+    ev = doc["stages"].get("evaluate", {})
+    if ev.get("seconds"):
+        lines += [
+            "",
+            f"Forward passes {forwards:.1f} s of the stage's {ev['seconds']:.1f} s "
+            f"({'one decoder layer at a time' if ev.get('layerwise') else 'whole models'}).",
+        ]
+    for what, why in (ev.get("skipped") or {}).items():
+        lines.append(f"- skipped: {what}: {why}")
+    return lines + [""]
 
 
 def plot(doc: dict, results: dict, path: Path) -> None:

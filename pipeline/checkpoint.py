@@ -364,6 +364,7 @@ _LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B|embedding_A|embedding_B)(?:\.
 _MAGNITUDE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.weight)?$")
 _TOKENS = re.compile(r"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta$")
 _OTHER_ADAPTER = re.compile(r"^(?P<mod>.+?)\.(?:lora_\w+|token_adapter)\b")
+_NESTED = re.compile(r"(?:\.base_layer)+(?=\.lora_)")
 _WRAPPERS = re.compile(r"\.(?:modules_to_save|original_module)(?:\.default)?(?=\.)|\.base_layer(?=\.)")
 
 
@@ -382,8 +383,9 @@ class AdapterTensor:
 
 
 def parse_adapter_key(key: str) -> AdapterTensor:
-    """Parse an adapter state-dict key (``base_model.model.`` prefix optional)."""
-    name = key.removeprefix(ADAPTER_PREFIX)
+    """Parse an adapter state-dict key (``base_model.model.`` prefix optional; the ``.base_layer``
+    levels of nested PEFT wrappers, as LoRA on several parameters of one module writes, dropped)."""
+    name = _NESTED.sub("", key.removeprefix(ADAPTER_PREFIX))
     if m := _LORA.match(name):
         kind = "lora_A" if m.group("ab") in ("A", "embedding_A") and m.group("part") != "bias" else "lora_B"
         return AdapterTensor(key, name, m.group("mod"), kind)

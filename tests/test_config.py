@@ -48,6 +48,8 @@ def test_valid_config_loads_with_qlora_defaults(tmp_path, tiny_base, tiny_adapte
         ("requantize: {bits: four}\n", "requantize.bits"),
         ("requantize: {group_size: 100}\n", "group_size must be -1 or a power of two"),
         ("dequantize: {quant_type: int3}\n", "dequantize.quant_type"),
+        ("dequantize: {device: cuda}\n", "'dequantize.device' moved to 'runtime.device'"),
+        ("eval: {enabled: true}\n", "eval.enabled: unknown key"),
         ("eval: {datasets: [{name: x, source: file, path: /nonexistent.txt}]}\n", "file '/nonexistent.txt' not found"),
     ],
 )

@@ -55,3 +55,41 @@ def test_group_size_that_does_not_divide_is_refused(merged_run):
     cfg = merged_run.model_copy(update={"requantize": merged_run.requantize.model_copy(update={"group_size": 128})})
     with pytest.raises(InputError, match="group_size 128 does not divide layer width"):
         requantize.run(cfg)
+
+
+@pytest.mark.parametrize("alt", [{}, {"bits": 3, "desc_act": False}, {"bits": 8, "sym": False}])
+def test_float_copy_equals_the_torch_kernel(merged_run, alt, tmp_path):
+    """On CPU the GPTQ variant is scored through a float copy of its weights (each dequantized once
+    from qweight/qzeros/scales/g_idx). It must equal GPTQModel's torch kernel (TorchLinear, which
+    computes scale * (q - z) in float16) to float round-off, and the default CPU kernel (bf16) to
+    KL < 1e-3 nats/token."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from pipeline.models import gptq_source
+    from pipeline.textdata import embedded_topics
+
+    cfg = merged_run.model_copy(update={"requantize": merged_run.requantize.model_copy(update=alt)})
+    from pipeline import gptq
+
+    rq = gptq.resolve(cfg.requantize)
+    out = tmp_path / "q"
+    from pipeline.models import load_tokenizer
+    from pipeline.textdata import calibration_windows
+
+    tok = load_tokenizer(cfg.layout.merged, cfg)
+    gptq.quantize(
+        cfg.layout.merged, out, rq, calibration_windows(tok, rq.calibration, 4, 128), "cpu", tmp_path / "logs"
+    )
+    ids = tok(embedded_topics("heldout")[1][:1500], return_tensors="pt").input_ids[:, :128]
+    copy = gptq_source(out, cfg, "cpu")
+    torch_kernel = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=GPTQConfig(bits=rq.bits, backend="torch")
+    ).eval()
+    default_kernel = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a = copy(input_ids=ids).logits.double()
+        b = torch_kernel(input_ids=ids).logits.double()
+        c = default_kernel(input_ids=ids).logits.double()
+    assert (a - b).abs().max().item() < 1e-4
+    p, q = c.log_softmax(-1), a.log_softmax(-1)
+    assert (p.exp() * (p - q)).sum(-1).mean().item() < 1e-3
