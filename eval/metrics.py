@@ -52,6 +52,41 @@ def logprob_stream(model, wins: torch.Tensor) -> Iterator[torch.Tensor]:
             yield window_logprobs(model, w)
 
 
+class ReferenceCache:
+    """The reference as a scoring source that keeps its per-window log-probs in memory (float32,
+    exact) once computed, when they fit in ``budget_bytes``; otherwise every use recomputes them
+    in lockstep with the variant. So the reference's forward runs once for small vocabularies x
+    token counts (the demo: 4096 tokens x 49152 = 0.8 GB) and memory stays bounded for large ones
+    (a 262144 vocabulary over 4096 tokens would take 4.3 GB: recomputed instead).
+
+    Use one cache per set of windows.
+    """
+
+    def __init__(self, model, budget_bytes: int = 10**9):
+        self.model, self.budget = model, budget_bytes
+        self.cache: list[torch.Tensor] | None = None
+        self.fits: bool | None = None
+
+    def iter_logprobs(self, wins: torch.Tensor) -> Iterator[torch.Tensor]:
+        if self.cache is not None:
+            yield from self.cache
+            return
+        kept: list[torch.Tensor] = []
+        for lp in logprob_stream(self.model, wins):
+            if self.fits is None:
+                self.fits = len(wins) * lp.numel() * lp.element_size() <= self.budget
+            if self.fits:
+                kept.append(lp)
+            yield lp
+        if self.fits:
+            self.cache = kept
+
+    @property
+    def complete(self) -> bool:
+        """Whether every window is cached (the model itself is then no longer needed)."""
+        return self.cache is not None
+
+
 def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> dict:
     """Score one model on windows ``[n, seq_len]``: perplexity, and against the reference ``ref``
     (another model, run in lockstep window by window) KL and top-1 agreement.

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval import accuracy, baselines, report, stats
-from eval.metrics import score
+from eval.metrics import ReferenceCache, score
 from pipeline.checkpoint import AdapterFiles, Checkpoint
 from pipeline.common import dir_size_bytes, log
 from pipeline.errors import InputError
@@ -110,11 +110,11 @@ def _score_datasets(cfg, name, model, ref, wins) -> dict:
     for ds in e.datasets:
         w = wins[ds.name]
         if name == "reference":
-            s = score(model, w, progress=f"{name} / {ds.name}")
+            s = score(ref[ds.name], w, progress=f"{name} / {ds.name}")
             r["kl_divergence"][ds.name], r["top1_agreement"][ds.name] = 0.0, 1.0
             r["_nll"] = {**r.get("_nll", {}), ds.name: s["nll_per_window"]}
         else:
-            s = score(model, w, ref=ref, progress=f"{name} / {ds.name}")
+            s = score(model, w, ref=ref[ds.name], progress=f"{name} / {ds.name}")
             r.setdefault("perplexity_ratio", {})[ds.name] = stats.perplexity_ratio_ci(
                 s["ref_nll_per_window"], s["nll_per_window"], e.seq_len - 1, n_boot=e.bootstrap
             )
@@ -168,7 +168,7 @@ def run(cfg) -> Path:
         }
         results: dict = {}
         skipped: dict = {}
-        ref = None
+        ref: dict = {}
         for name in variant_names(cfg):
             if layerwise and name.startswith("baseline:"):
                 skipped[name] = "in-memory baselines need the whole model, which does not fit (runtime.offload)"
@@ -179,6 +179,8 @@ def run(cfg) -> Path:
                 continue
             model, path, size = loaded
             log(f"evaluate: {name} ({path})")
+            if name == "reference":  # its log-probs are kept in memory when they fit, else recomputed in lockstep
+                ref = {ds.name: ReferenceCache(model) for ds in e.datasets}
             r = {"path": path, "size_bytes": size, **_score_datasets(cfg, name, model, ref, wins)}
             if layerwise or not hasattr(model, "forward"):
                 r["accuracy"] = {}
@@ -187,10 +189,10 @@ def run(cfg) -> Path:
             else:
                 r.update(_score_tasks(cfg, name, model, tok, results))
             results[name.removeprefix("baseline:")] = r
-            if name == "reference":
-                ref = model  # stays loaded: every other variant is scored in lockstep with it
-            else:
-                del model
+            if name == "reference" and all(c.complete for c in ref.values()):
+                for c in ref.values():
+                    c.model = None  # every window is cached: the reference model itself is no longer needed
+            del model
         rec.update(
             artefact=str(layout.report_json),
             variants=list(results),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.metrics import score
+from eval.metrics import ReferenceCache, score
 from pipeline import gptq
 from pipeline.checkpoint import Checkpoint
 from pipeline.common import dir_size_bytes, log, publish_dir, within
@@ -97,7 +97,7 @@ def _budget(cfg, calib, device, rec, offload: bool) -> Path:
     wins = text_windows(
         load_tokenizer(layout.merged, cfg), cfg.verify.data, cfg.verify.seq_len, "verify.data", role="verify"
     )
-    ref = reference_model(cfg, cfg.effective_adapter, device)
+    ref = ReferenceCache(reference_model(cfg, cfg.effective_adapter, device))
     tried: list[BudgetTry] = []
     chosen = None
     for s in settings:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.metrics import score
+from eval.metrics import ReferenceCache, score
 from pipeline.checkpoint import AdapterFiles, Checkpoint
 from pipeline.common import log, within
 from pipeline.errors import InputError, VerificationError
@@ -229,7 +229,7 @@ def run(cfg) -> Path:
             f"verify: {cands} on {wins.numel()} tokens of '{v.data.name}', exactness bound {max_kl:g} nats/token"
             f"{', one decoder layer at a time' if layerwise else ''}"
         )
-        ref = reference_source(cfg, adapter.folder, device, layerwise)
+        ref = ReferenceCache(reference_source(cfg, adapter.folder, device, layerwise))
         results = {
             b: _check_candidate(
                 cfg, b, wins, ref, device, adapter, adapted, merge_rec.get("resized_vocab"), max_kl, layerwise

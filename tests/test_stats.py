@@ -150,3 +150,25 @@ def test_kl_summary():
     assert kl_summary(k) == {"mean": 50.0, "median": 50.0, "p99": 99.0, "max": 100.0}
     with pytest.raises(ValueError):
         kl_summary(np.array([]))
+
+
+def test_reference_cache_runs_the_reference_once_when_it_fits():
+    from eval.metrics import ReferenceCache
+
+    class Counting(FixedLogits):
+        calls = 0
+
+        def forward(self, input_ids):
+            Counting.calls += 1
+            return super().forward(input_ids)
+
+    wins = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]])
+    ref = ReferenceCache(Counting(PROBS.log()), budget_bytes=10**6)
+    a = score(ref, wins)
+    b = score(FixedLogits(torch.zeros(4, 3)), wins, ref=ref)
+    assert Counting.calls == 2 and ref.complete  # two windows, computed once
+    np.testing.assert_allclose(b["ref_nll_per_window"], a["nll_per_window"], rtol=0)
+    small = ReferenceCache(Counting(PROBS.log()), budget_bytes=10)  # 2 x 3 x 3 x 4 bytes do not fit
+    score(small, wins)
+    score(FixedLogits(torch.zeros(4, 3)), wins, ref=small)
+    assert Counting.calls == 6 and not small.complete  # recomputed in lockstep
