@@ -18,28 +18,35 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @torch.no_grad()
 def window_logprobs(model, window: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``[seq_len - 1, vocab]`` (float32) of the next token at each position
-    of one window ``[seq_len]`` (int64), predicting tokens 1..seq_len-1."""
+    of one window ``[seq_len]`` (int64), predicting tokens 1..seq_len-1.
+
+    Computed in place on the model's fresh logits (one ``[seq_len, vocab]`` buffer, not three: a
+    262144-token vocabulary makes each 0.5 GB at 512 tokens)."""
+    from pipeline.layerwise import logprobs_from_logits
+
     dev = next(model.parameters()).device
-    logits = model(input_ids=window[None].to(dev)).logits[0, :-1]
-    return F.log_softmax(logits.float(), dim=-1).cpu()
+    return logprobs_from_logits(model(input_ids=window[None].to(dev)).logits[0, :-1])
 
 
-def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor, rows: int = 64) -> torch.Tensor:
     """``KL(P_ref || P)`` per row, in nats (float64 accumulation); inputs ``[T, V]`` log-probs.
 
-    Vocabularies of different sizes are compared on the common prefix of token ids.
+    Vocabularies of different sizes are compared on the common prefix of token ids. Rows are
+    taken ``rows`` at a time, so the float64 copies stay small whatever the vocabulary.
     """
     v = min(ref_logp.shape[-1], logp.shape[-1])
-    r, q = ref_logp[:, :v].double(), logp[:, :v].double()
-    p = r.exp()
-    terms = torch.where(p == 0, torch.zeros_like(p), p * (r - q))  # 0 * log 0 = 0; NaN stays NaN
-    return terms.sum(-1).clamp_min(0.0)
+    out = []
+    for i in range(0, ref_logp.shape[0], rows):
+        r, q = ref_logp[i : i + rows, :v].double(), logp[i : i + rows, :v].double()
+        p = r.exp()
+        terms = torch.where(p == 0, torch.zeros_like(p), p * (r - q))  # 0 * log 0 = 0; NaN stays NaN
+        out.append(terms.sum(-1).clamp_min(0.0))
+    return torch.cat(out)
 
 
 def logprob_stream(model, wins: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -210,15 +210,20 @@ class RequantizeSection(_Strict):
 class EvalSection(_Strict):
     datasets: list[TextSource] = Field([TextSource(name="pydoc-heldout", split="heldout")], min_length=1)
     seq_len: int = Field(512, gt=1, description="context length of each perplexity window (tokens)")
-    tasks: list[str] = ["pydoc_cloze"]
+    tasks: list[str] = Field(["pydoc_cloze"], description="lm-eval task YAMLs (names in task_dir)")
     task_dir: Optional[str] = None
     task_limit: Optional[int] = Field(None, gt=0)
+    task_variants: list[str] = Field(
+        ["reference", "merged", "gptq"],
+        description="variants that also run the lm-eval tasks (lm-eval dominates evaluate's time on a CPU); "
+        "'all' for every variant",
+    )
     variants: list[Literal["reference", "merged", "gptq", "base"]] = ["reference", "merged", "gptq", "base"]
     baselines: list[Literal["peft_4bit_merge", "rtn", "bnb_nf4"]] = Field(
         [], description="extra variants built in memory from the merged model or the 4-bit base"
     )
-    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for perplexity-ratio intervals")
-    batch_size: int = Field(8, gt=0)
+    bootstrap: int = Field(2000, ge=1, description="bootstrap resamples for perplexity-ratio intervals")
+    batch_size: int = Field(16, gt=0, description="lm-eval requests per forward pass")
 
 
 class GPTQSetting(_Strict):

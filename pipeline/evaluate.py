@@ -182,10 +182,14 @@ def run(cfg) -> Path:
             if name == "reference":  # its log-probs are kept in memory when they fit, else recomputed in lockstep
                 ref = {ds.name: ReferenceCache(model) for ds in e.datasets}
             r = {"path": path, "size_bytes": size, **_score_datasets(cfg, name, model, ref, wins)}
-            if layerwise or not hasattr(model, "forward"):
+            wanted = (
+                name == "reference" or "all" in e.task_variants or name.removeprefix("baseline:") in e.task_variants
+            )
+            if not e.tasks or not wanted:
                 r["accuracy"] = {}
-                if e.tasks:
-                    skipped[f"{name}: lm-eval"] = "lm-eval runs whole models; this one runs one layer at a time"
+            elif layerwise or not hasattr(model, "forward"):
+                r["accuracy"] = {}
+                skipped[f"{name}: lm-eval"] = "lm-eval runs whole models; this one runs one layer at a time"
             else:
                 r.update(_score_tasks(cfg, name, model, tok, results))
             results[name.removeprefix("baseline:")] = r

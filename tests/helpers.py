@@ -129,6 +129,7 @@ def tiny_config(base: Path, adapter: Path, run_root: Path, **sections):
             "seq_len": 128,
             "datasets": [{"name": "pydoc-heldout", "max_tokens": 512}],
             "tasks": ["pydoc_cloze"],
+            "task_variants": ["all"],
             "task_limit": 8,
             "batch_size": 4,
         },

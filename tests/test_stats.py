@@ -38,7 +38,7 @@ class FixedLogits(torch.nn.Module):
         self.table = torch.nn.Parameter(table, requires_grad=False)
 
     def forward(self, input_ids):
-        return SimpleNamespace(logits=self.table[None, : input_ids.shape[1]])
+        return SimpleNamespace(logits=self.table[None, : input_ids.shape[1]].clone())  # fresh, as a model's
 
 
 # next-token distributions at positions 0..2 of a 4-token window, vocab 3
