@@ -8,7 +8,7 @@ DEMO_DIR ?= build/demo
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: qlora-merge install demo test test-fast bench compare clean
+.PHONY: qlora-merge install demo test test-fast bench bench-vocab compare clean
 
 qlora-merge: install
 	@if grep -q "$(DEMO_DIR)/" "$(CONFIG)"; then $(MAKE) --no-print-directory demo; fi
@@ -37,6 +37,10 @@ test-fast: install
 
 bench: install demo
 	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench --out runs/bench
+
+# Evaluation memory on a 262144-token vocabulary (synthetic Gemma-3-270M shape): make bench-vocab
+bench-vocab: install demo
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench_vocab --out runs/bench-vocab
 
 # Side-by-side table and plot of existing runs: make compare RUNS="runs/a runs/b" [OUT=runs/compare]
 compare: install

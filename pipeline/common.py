@@ -55,7 +55,19 @@ def log(msg: str) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is KiB)."""
+    """Peak resident set size of this process's own memory so far, in bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (the high-water mark of this process image). Not
+    ``ru_maxrss``: that one carries over the parent's peak through fork and exec, so every stage
+    process would report at least the orchestrator's memory. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

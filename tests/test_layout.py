@@ -20,7 +20,7 @@ from pathlib import Path
 from helpers import REPO
 
 STAGES = {"dequantize", "merge", "verify", "requantize", "evaluate"}
-TOP = {"__main__", "run", "check", "plan", "demo", "bench", "bench_scale"}
+TOP = {"__main__", "run", "check", "plan", "demo", "bench", "bench_scale", "bench_vocab"}
 
 
 def _layer(module: str) -> int:
