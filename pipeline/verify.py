@@ -230,12 +230,13 @@ def run(cfg) -> Path:
             f"{', one decoder layer at a time' if layerwise else ''}"
         )
         ref = ReferenceCache(reference_source(cfg, adapter.folder, device, layerwise))
-        results = {
-            b: _check_candidate(
+        results = {}
+        for b in cands:
+            results[b] = _check_candidate(
                 cfg, b, wins, ref, device, adapter, adapted, merge_rec.get("resized_vocab"), max_kl, layerwise
             )
-            for b in cands
-        }
+            if ref.complete:
+                ref.model = None  # every window's log-probs are kept: the reference model is no longer needed
         del ref
         ref_ppl = next(r["reference_perplexity"] for r in results.values())
         if any(r.get("reference_nonfinite") for r in results.values()) or not np.isfinite(ref_ppl):
