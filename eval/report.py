@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.common import write_json, write_text
+from pipeline.common import check_not_orphaned, write_error, write_json, write_text
 from pipeline.layout import versions
 from pipeline.records import read_records
 
@@ -244,9 +244,16 @@ def plot(doc: dict, results: dict, path: Path) -> None:
     b.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if err := write_error(path, e):
+            raise err from None
+        raise
+    finally:
+        plt.close(fig)
 
 
 def model_card(doc: dict) -> str:
@@ -295,7 +302,13 @@ def model_card(doc: dict) -> str:
 
 
 def write(cfg, results: dict) -> Path:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into the run folder; returns the JSON path."""
+    """Write ``report.json``, ``report.md`` and ``report.png`` into the run folder; returns the JSON path.
+
+    Raises:
+        InputError: the run folder cannot be written (full or read-only disk).
+        Interrupted: this is an orphaned stage process (its ``run`` parent died): nothing is written.
+    """
+    check_not_orphaned()
     layout = cfg.layout
     doc = build(cfg, results)
     write_json(layout.report_json, doc)

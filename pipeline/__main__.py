@@ -1,7 +1,10 @@
 """Command line: ``qlora-merge {run,stage,check,plan} --config C`` (or ``python -m pipeline ...``).
 
-Exit codes: 0 ok, 1 unexpected error, 2 bad input (config, paths, unsupported adapter; the
-message says what to do), 3 an artefact failed its verification, 130 interrupted.
+Exit codes: 0 ok (every stage run or current), 1 unexpected error, 2 bad input (config,
+paths, unsupported adapter, stale artefacts to build on, a run folder another run holds or
+that cannot be written; the message says what to do), 3 an artefact failed its
+verification, 4 a stage process was killed by a signal (the out-of-memory killer), 129 /
+130 / 143 stopped by SIGHUP / SIGINT / SIGTERM (128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.errors import InputError, VerificationError
+from pipeline.errors import InputError, Interrupted, VerificationError
 from pipeline.layout import STAGES, STAGE_NAMES
 
 
@@ -45,12 +48,34 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _stage(cfg, name: str) -> int:
+    """``stage NAME``: one stage in this process, under the run folder's lock (its parent ``run``'s,
+    when it started this process), on current earlier artefacts only."""
+    import contextlib
+
+    from pipeline.resume import check_upstream
+    from pipeline.run import run_stage
+    from pipeline.runlock import held_by_parent, run_lock
+
+    layout = cfg.layout
+    with contextlib.nullcontext() if held_by_parent(layout.lock) else run_lock(layout.root):
+        check_upstream(cfg, name)
+        run_stage(cfg, name)
+    return 0
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     from pipeline.common import quiet_libraries
+    from pipeline.processes import handle_signals, restore_signals
 
     quiet_libraries()
+    previous = handle_signals()
     try:
+        if a.cmd == "stage":
+            from pipeline.processes import become_stage_child
+
+            become_stage_child()
         from pipeline.config import load_config
 
         overrides = {"output": {"dir": str(Path(a.output_dir).resolve())}} if getattr(a, "output_dir", None) else None
@@ -72,19 +97,24 @@ def main(argv=None) -> int:
             from pipeline.run import run_all
 
             return run_all(cfg, a.stages)
-        from pipeline.run import run_stage
-
-        run_stage(cfg, a.name)
-        return 0
+        return _stage(cfg, a.name)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except VerificationError as e:
         print(f"verification failed: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted; finished artefacts are intact, unfinished ones were removed", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        where = f"stage {a.name}" if a.cmd == "stage" else "the start-of-run check" if a.cmd == "run" else a.cmd
+        done = (
+            "its temporary files were removed and nothing unfinished was published"
+            if a.cmd == "stage"
+            else "nothing was written"
+        )
+        print(f"stopped by {e.signame} during {where}; {done}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        restore_signals(previous)
 
 
 if __name__ == "__main__":

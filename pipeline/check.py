@@ -151,6 +151,47 @@ def _group_problems(cfg, base: Checkpoint | None) -> list[str]:
     ]
 
 
+_SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def _config_vs_weights(cfg, base: Checkpoint) -> list[str]:
+    """Compare the parameter shapes ``config.json`` implies (the model built on the meta device,
+    no weights) with the shapes in the safetensors headers; one problem naming the sizes when
+    they disagree. Architectures that cannot be built here are not compared."""
+    from transformers import AutoConfig
+
+    from pipeline.lora import build_skeleton
+
+    try:
+        config = AutoConfig.from_pretrained(base.folder, trust_remote_code=cfg.base.trust_remote_code)
+        expected = {n: tuple(p.shape) for n, p in build_skeleton(config).named_parameters()}
+    except Exception:  # noqa: BLE001 - an architecture this transformers cannot build: loading will say
+        return []
+    stored = base.shapes()
+    wrong = [(n, stored[n], s) for n, s in expected.items() if n in stored and stored[n] != s]
+    shared = sum(n in stored for n in expected)
+    missing = [n for n in expected if n not in stored] if shared >= len(expected) / 2 else []
+    if not wrong and not missing:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sizes = ", ".join(f"{k} {getattr(text, k)}" for k in _SIZE_KEYS if getattr(text, k, None) is not None)
+    lines = [f"'{n}' is {list(w)} in the weights, config.json implies {list(e)}" for n, w, e in wrong[:3]]
+    if missing:
+        lines.append(f"{len(missing)} tensor(s) config.json implies are not in the weights, e.g. '{missing[0]}'")
+    return [
+        f"base.path: config.json ({sizes}, num_hidden_layers {getattr(text, 'num_hidden_layers', '?')}) disagrees "
+        f"with the weights in {base.folder}: " + "; ".join(lines) + ". Fix config.json (or re-download the "
+        "checkpoint): loading would fail or leave weights random."
+    ]
+
+
 def _writable_folder(run_dir: Path) -> list[str]:
     p = run_dir
     while not p.exists():
@@ -205,6 +246,7 @@ def check_run(cfg, stages: list[str] | None = None, allow_absent: bool = False) 
         skipped.append(f"adapter(s) {cfg.adapter.paths} are not here: the adapter was not checked")
     problems += _writable_folder(cfg.run_dir)
     if base is not None:
+        problems += _config_vs_weights(cfg, base)
         problems += _context_problems(cfg, base.config, stages)
         if "requantize" in stages and cfg.requantize.enabled:
             problems += _group_problems(cfg, base)

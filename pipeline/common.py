@@ -5,6 +5,7 @@ the tests and the demo; importing this module changes nothing)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -12,8 +13,8 @@ import resource
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -71,14 +72,50 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def check_not_orphaned() -> None:
+    """Refuse to publish from a stage process whose ``run`` parent has died (``QLORA_MERGE_PARENT``
+    names the parent it was started by); a no-op in any other process.
+
+    Raises:
+        Interrupted: (SIGTERM) the parent is gone: nothing may be published any more.
+    """
+    parent = os.environ.get("QLORA_MERGE_PARENT")
+    if parent and os.getppid() != int(parent):
+        import signal
+
+        from pipeline.errors import Interrupted
+
+        raise Interrupted(signal.SIGTERM)
+
+
+def write_error(path: Path, e: OSError):
+    """The :class:`~pipeline.errors.InputError` for a write that failed on a full, read-only or
+    forbidden disk (naming the folder), or None for any other ``OSError``."""
+    if e.errno not in _WRITE_ERRNOS:
+        return None
+    from pipeline.errors import InputError
+
+    return InputError(
+        f"writing '{path}' failed ({e.strerror}); free space or make '{Path(path).parent}' writable "
+        "(or set output.dir to another folder), then run again."
+    )
+
+
 @contextlib.contextmanager
 def publish_dir(final: Path) -> Iterator[Path]:
     """Write an artefact folder atomically: yield a temporary sibling, rename it to
     ``final`` only if the block finishes. On error the temporary folder is removed and
     ``final`` is left as it was (absent or the previous complete artefact).
 
+    In a stage process whose ``run`` parent has died, nothing is published
+    (:func:`check_not_orphaned`).
+
     Raises:
         InputError: the folder cannot be written (read-only or full disk), naming it.
+        Interrupted: the parent ``run`` is gone.
     """
     final = Path(final)
     tmp = final.with_name(f".{final.name}.partial")
@@ -93,34 +130,47 @@ def publish_dir(final: Path) -> Iterator[Path]:
         ) from None
     try:
         yield tmp
+        check_not_orphaned()
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (28, 30, 13, 122):  # ENOSPC, EROFS, EACCES, EDQUOT
-            from pipeline.errors import InputError
-
-            raise InputError(
-                f"writing '{final}' failed ({e.strerror}); free space or make '{final.parent}' "
-                "writable, then run again."
-            ) from None
+        if err := write_error(final, e):
+            raise err from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        if err := write_error(final, e):
+            raise err from None
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
+    """Write a text file atomically (temporary file in the same folder, then rename).
+
+    Raises:
+        InputError: the disk is full, read-only or forbids writing (naming the folder); the
+            temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if err := write_error(path, e):
+            raise err from None
+        raise
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write JSON atomically (temporary file, then rename); errors as :func:`write_text`."""
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 

@@ -222,7 +222,9 @@ class EvalSection(_Strict):
     baselines: list[Literal["peft_4bit_merge", "rtn", "bnb_nf4"]] = Field(
         [], description="extra variants built in memory from the merged model or the 4-bit base"
     )
-    bootstrap: int = Field(2000, ge=1, description="bootstrap resamples for perplexity-ratio intervals")
+    bootstrap: int = Field(
+        2000, ge=1, description="bootstrap resamples for perplexity-ratio intervals (at least 1; 2000 is usual)"
+    )
     batch_size: int = Field(16, gt=0, description="lm-eval requests per forward pass")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import fingerprint
 from pipeline.adapter_checks import check_adapter
 from pipeline.bnb4 import BaseTensors
 from pipeline.checkpoint import Checkpoint, ShardWriter
@@ -35,7 +36,7 @@ def run(cfg) -> Path | None:
 
     layout = cfg.layout
     out = layout.dequantized
-    with stage_record(layout, "dequantize") as rec:
+    with stage_record(layout, "dequantize", fingerprint.inputs(cfg, "dequantize")) as rec:
         check_adapter(cfg)  # refuse an unmergeable pair before hours of work
         device = apply_runtime(cfg.runtime)
         base = Checkpoint(cfg.base.path)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from eval import accuracy, baselines, report, stats
 from eval.metrics import ReferenceCache, score
+from pipeline import fingerprint
 from pipeline.checkpoint import AdapterFiles, Checkpoint
 from pipeline.common import dir_size_bytes, log
 from pipeline.errors import InputError
@@ -40,7 +41,7 @@ from pipeline.models import (
     reference_source,
     scoring_dtype,
 )
-from pipeline.records import stage_record
+from pipeline.records import record_outputs, stage_record
 from pipeline.textdata import text_windows
 
 
@@ -158,7 +159,7 @@ def run(cfg) -> Path:
     layout = cfg.layout
     if not layout.merged.is_dir():
         raise InputError(f"{layout.merged} is missing: run the merge and verify stages first.")
-    with stage_record(layout, "evaluate") as rec:
+    with stage_record(layout, "evaluate", fingerprint.inputs(cfg, "evaluate"), outputs_later=True) as rec:
         device = apply_runtime(cfg.runtime)
         tok = load_tokenizer(layout.merged, cfg)
         e = cfg.eval
@@ -205,4 +206,6 @@ def run(cfg) -> Path:
             layerwise=layerwise,
             skipped=skipped,
         )
-    return report.write(cfg, results)  # after the stage record is written, so the report holds it
+    out = report.write(cfg, results)  # after the stage record is written, so the report holds it
+    record_outputs(layout, "evaluate")
+    return out

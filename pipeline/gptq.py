@@ -83,12 +83,13 @@ def _quiet_gptqmodel() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def quantize_config(rq, offload: bool):
+def quantize_config(rq, offload: bool, offload_dir: Path | None = None):
     """GPTQModel's ``QuantizeConfig`` for a ``requantize`` setting: bits, group size, act-order
     (``desc_act``) or group-aware reordering (``act_group_aware``, on unless ``desc_act``),
     symmetric, damping (and its automatic increase when the Hessian is not positive definite),
     MSE scale search (``mse``: the norm's exponent, 0 = off), GPTAQ (``gptaq_alpha``), and disk
-    offload (GPTQModel keeps one layer in memory)."""
+    offload (GPTQModel keeps one layer in memory) into ``offload_dir`` (the run's scratch folder;
+    GPTQModel's default is a temporary folder of its own choosing)."""
     from gptqmodel import QuantizeConfig
 
     act_group_aware = (not rq.desc_act) if rq.act_group_aware is None else rq.act_group_aware
@@ -103,6 +104,7 @@ def quantize_config(rq, offload: bool):
         act_group_aware=act_group_aware and not rq.desc_act,
         mse=rq.mse,
         offload_to_disk=offload,
+        **({"offload_to_disk_path": str(offload_dir)} if offload and offload_dir is not None else {}),
         **kw,
     )
 
@@ -116,6 +118,7 @@ def quantize(
     log_dir: Path,
     dtype: str = "float16",
     offload: bool = False,
+    offload_dir: Path | None = None,
 ) -> list[dict]:
     """GPTQ-quantize ``merged_dir`` into ``out_dir`` with GPTQModel (``rq``: the requantize section).
 
@@ -123,25 +126,24 @@ def quantize(
     (float16, or bfloat16 where the merged model is), its ``config.json`` saying so, as GPTQ
     checkpoints are (serving stacks' GPTQ kernels take half precision). GPTQModel writes its
     per-layer log to ``./logs``: the call runs in ``log_dir`` so that it lands in the run folder.
+    With ``offload``, layers wait on disk in ``offload_dir`` (created here, removed at the end).
 
     Returns:
         GPTQModel's per-module log: ``[{"layer", "module", "loss", ...}]``.
     """
     _quiet_gptqmodel()
-    from gptqmodel import BACKEND, GPTQModel
-
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
-    qcfg = quantize_config(rq, offload)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.chdir(log_dir):
-        model = GPTQModel.load(
-            str(merged_dir), qcfg, device=device, dtype=torch.float32 if device == "cpu" else torch.float16
+    offload_dir = Path(offload_dir).resolve() if offload and offload_dir is not None else None
+    if offload_dir is not None:
+        offload_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = _quantize(
+            merged_dir, out_dir, quantize_config(rq, offload, offload_dir), calib, device, log_dir, dtype
         )
-        result = model.quantize(calib, batch_size=1, backend=BACKEND.AUTO)
-        half = getattr(torch, dtype)
-        model.model.to(half)
-        model.model.config.dtype = half
-        model.save(str(out_dir))
+    finally:
+        if offload_dir is not None:
+            shutil.rmtree(offload_dir, ignore_errors=True)
     # GPTQModel rewrites generation_config.json (do_sample=True); keep the model's own.
     for f in ("generation_config.json", "chat_template.jinja"):
         if (Path(merged_dir) / f).is_file():
@@ -155,6 +157,22 @@ def quantize(
         }
         for r in rows
     ]
+
+
+def _quantize(merged_dir: Path, out_dir: Path, qcfg, calib: list[dict], device: str, log_dir: Path, dtype: str):
+    """GPTQModel's load, quantize and save, its output silenced, in ``log_dir``; its result dict."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.chdir(log_dir):
+        model = GPTQModel.load(
+            str(merged_dir), qcfg, device=device, dtype=torch.float32 if device == "cpu" else torch.float16
+        )
+        result = model.quantize(calib, batch_size=1, backend=BACKEND.AUTO)
+        half = getattr(torch, dtype)
+        model.model.to(half)
+        model.model.config.dtype = half
+        model.save(str(out_dir))
+    return result
 
 
 def reload_check(out_dir: Path, calib: list[dict], cfg, device: str) -> float:

@@ -10,7 +10,8 @@ A run folder ``<output.dir>/<output.run_name>/`` holds::
     merged/  merged-<base>/                 verified checkpoints (stage verify); ``merged-<base>.rejected``
     gptq/  gptq-<tag>/                      GPTQ checkpoints (stage requantize)
     report.json  report.md  report.png      the quality-loss report (stage evaluate)
-    scratch/                                temporary stores; cleared at the start of every run
+    scratch/                                temporary files; cleared at the start and end of every run
+    .lock                                   held by the run using the folder (``pipeline.runlock``)
 
 :data:`STAGES` drives the CLI's stage choices, output clearing, the "run X first" messages
 and the report's ordering.
@@ -129,25 +130,55 @@ class RunLayout:
 
     @property
     def scratch(self) -> Path:
-        """Temporary stores (reference log-probs); cleared at the start of every run."""
+        """Temporary files: the stage processes' ``TMPDIR`` and GPTQModel's disk offload; cleared at
+        the start and at the end of every run."""
         return self.root / "scratch"
 
     @property
     def lock(self) -> Path:
+        """``.lock``: held by the run using this folder (:mod:`pipeline.runlock`)."""
         return self.root / ".lock"
 
     def outputs(self, stage_name: str) -> list[Path]:
         """What ``stage_name`` has written in this run folder (existing paths only)."""
         return [p for pattern in stage(stage_name).outputs for p in self.root.glob(pattern)]
 
+    def unfinished(self, stage_name: str) -> list[Path]:
+        """What an interrupted ``stage_name`` may have left: its temporary folders and files
+        (``.<output>.partial``, ``.<output>.tmp``) and its record's temporary file."""
+        hidden = [p for pattern in stage(stage_name).outputs for p in self.root.glob(f".{pattern}.*")]
+        return [p for p in hidden if p.name.endswith((".partial", ".tmp"))] + list(
+            self.stages_dir.glob(f".{stage_name}.json.tmp")
+        )
+
     def clear(self, first: str) -> None:
-        """Remove the outputs and records of ``first`` and every later stage."""
-        for s in STAGE_NAMES[STAGE_NAMES.index(first) :]:
-            for p in self.outputs(s) + [self.record(s)]:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+        """Remove the outputs, unfinished leftovers and records of ``first`` and every later stage.
+
+        Raises:
+            InputError: the run folder cannot be written (read-only), naming it.
+        """
+        try:
+            for s in STAGE_NAMES[STAGE_NAMES.index(first) :]:
+                for p in self.outputs(s) + self.unfinished(s) + [self.record(s)]:
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+        except OSError as e:
+            from pipeline.errors import InputError
+
+            raise InputError(
+                f"cannot remove '{e.filename}' from run folder '{self.root}' ({e.strerror}); make the folder "
+                "writable, or set output.dir to another folder."
+            ) from None
+
+    def clear_unfinished(self, stage_name: str) -> None:
+        """Remove what an interrupted ``stage_name`` left half-written (never a published output)."""
+        for p in self.unfinished(stage_name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
     def clear_scratch(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import fingerprint
 from pipeline.adapter_checks import check_adapter
 from pipeline.bnb4 import BaseTensors
 from pipeline.checkpoint import AdapterFiles, Checkpoint, ShardWriter
@@ -205,7 +206,7 @@ def run(cfg) -> list[Path]:
     from transformers import AutoConfig
 
     layout = cfg.layout
-    with stage_record(layout, "merge") as rec:
+    with stage_record(layout, "merge", fingerprint.inputs(cfg, "merge")) as rec:
         facts = check_adapter(cfg)
         device = apply_runtime(cfg.runtime)
         base = Checkpoint(cfg.base.path)

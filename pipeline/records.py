@@ -11,21 +11,25 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import Iterator, Optional, TypedDict
+from collections.abc import Iterator
+from typing import Optional, TypedDict
 
 import torch
 
-from pipeline.common import peak_rss_bytes, write_json
+from pipeline.common import peak_rss_bytes, write_error, write_json
 from pipeline.layout import RunLayout
 
 
 class StageRecord(TypedDict, total=False):
     """``stages/<stage>.json``. Every stage writes the first six keys; the rest are its own.
 
-    ``status``: ``ok``, ``failed``, ``skipped``; ``seconds``: wall time; ``peak_rss_bytes``:
-    the stage process's peak resident memory; ``peak_cuda_bytes``: peak CUDA memory
-    allocated by torch (0 without a GPU); ``inputs``: fingerprints of what the stage read
-    (:mod:`pipeline.fingerprint`); ``error``: the error text when it failed.
+    ``status``: ``ok``, ``failed``, ``interrupted`` (a signal stopped it), ``killed`` (written by
+    ``run`` for a stage process killed outright), ``skipped``; ``seconds``: wall time;
+    ``peak_rss_bytes``: the stage process's peak resident memory; ``peak_cuda_bytes``: peak
+    CUDA memory allocated by torch (0 without a GPU); ``inputs``: fingerprints of the config
+    sections and files the stage read, ``outputs``: of what it wrote, ``consumed``: of the
+    earlier outputs it moved on (:mod:`pipeline.fingerprint`, :mod:`pipeline.resume`);
+    ``error``: the error text when it failed.
     """
 
     stage: str
@@ -34,6 +38,8 @@ class StageRecord(TypedDict, total=False):
     peak_rss_bytes: int
     peak_cuda_bytes: int
     inputs: dict
+    outputs: dict
+    consumed: dict
     error: str
     artefact: Optional[str]
 
@@ -112,13 +118,23 @@ class BudgetTry(GPTQBuild, total=False):
 
 
 @contextlib.contextmanager
-def stage_record(layout: RunLayout, stage: str, inputs: dict | None = None) -> Iterator[StageRecord]:
+def stage_record(
+    layout: RunLayout, stage: str, inputs: dict | None = None, outputs_later: bool = False
+) -> Iterator[StageRecord]:
     """Time a stage and write ``stages/<stage>.json`` when it ends.
 
     The yielded dict is filled by the stage (artefact path, figures); ``seconds``,
-    ``peak_rss_bytes`` and ``peak_cuda_bytes`` are added here. A stage that raises is
-    recorded with ``status: failed`` and the error text, then the error propagates.
+    ``peak_rss_bytes``, ``peak_cuda_bytes`` and, when it finished, the fingerprints of its
+    outputs (``outputs``; with ``outputs_later`` the stage adds them itself with
+    :func:`record_outputs`) are added here. A stage that raises is recorded with ``status:
+    failed`` (``interrupted`` for a signal) and the error text, then the error propagates.
+
+    Raises:
+        InputError: the record cannot be written (full or read-only disk), naming the folder.
     """
+    from pipeline.errors import Interrupted
+    from pipeline.fingerprint import outputs
+
     rec: StageRecord = {"stage": stage, "status": "running"}
     if inputs is not None:
         rec["inputs"] = inputs
@@ -128,15 +144,33 @@ def stage_record(layout: RunLayout, stage: str, inputs: dict | None = None) -> I
     try:
         yield rec
         rec["status"] = rec.get("status") if rec.get("status") not in (None, "running") else "ok"
+        if rec["status"] in ("ok", "skipped") and not outputs_later:
+            rec["outputs"] = outputs(layout, stage)
     except BaseException as e:
-        rec["status"] = "failed"
+        rec["status"] = "interrupted" if isinstance(e, Interrupted) else "failed"
         rec["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         rec["peak_rss_bytes"] = peak_rss_bytes()
         rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-        layout.stages_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            layout.stages_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if err := write_error(layout.stages_dir / "x", e):
+                raise err from None
+            raise
+        write_json(layout.record(stage), rec)
+
+
+def record_outputs(layout: RunLayout, stage: str) -> None:
+    """Add the fingerprints of ``stage``'s outputs to its record, for a stage that writes them
+    after its record (evaluate's report holds the records). Until then the stage is not current."""
+    from pipeline.fingerprint import outputs
+
+    rec = read_record(layout, stage)
+    if rec is not None and rec.get("status") == "ok":
+        rec["outputs"] = outputs(layout, stage)
         write_json(layout.record(stage), rec)
 
 

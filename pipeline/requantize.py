@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.metrics import ReferenceCache, score
-from pipeline import gptq
+from pipeline import fingerprint, gptq
 from pipeline.checkpoint import Checkpoint
 from pipeline.common import dir_size_bytes, log, publish_dir, within
 from pipeline.errors import InputError, VerificationError
@@ -46,6 +46,7 @@ def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = Fa
             log_dir=layout.stage_logs("requantize") / gptq.tag(rq),
             dtype=half,
             offload=offload,
+            offload_dir=layout.scratch / "gptq-offload",
         )
         nll = gptq.reload_check(tmp, calib, cfg, device)
     return {
@@ -148,7 +149,7 @@ def run(cfg) -> Path | None:
         VerificationError: a checkpoint does not reload, or no setting is within the budget.
     """
     rq, layout = cfg.requantize, cfg.layout
-    with stage_record(layout, "requantize") as rec:
+    with stage_record(layout, "requantize", fingerprint.inputs(cfg, "requantize")) as rec:
         if not rq.enabled:
             rec.update(status="skipped", artefact=None)
             return None

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from eval.metrics import ReferenceCache, score
+from pipeline import fingerprint
 from pipeline.checkpoint import AdapterFiles, Checkpoint
-from pipeline.common import log, within
+from pipeline.common import check_not_orphaned, log, within
 from pipeline.errors import InputError, VerificationError
 from pipeline.layout import MERGE_BASES
 from pipeline.models import (
@@ -187,7 +188,9 @@ def _check_candidate(
 
 def _publish(layout, results: dict[str, VerifyCandidate], chosen: str) -> None:
     """Rename the candidates: passed ones to ``merged``/``merged-<base>`` (only when the chosen one
-    passed), failed ones to ``merged-<base>.rejected``."""
+    passed), failed ones to ``merged-<base>.rejected``. An orphaned stage process (its ``run``
+    parent died) renames nothing (:func:`pipeline.common.check_not_orphaned`)."""
+    check_not_orphaned()
     publish = results[chosen]["passed"]
     for base, r in results.items():
         src = layout.candidate(base)
@@ -214,7 +217,13 @@ def run(cfg) -> Path:
     cands = [b for b in MERGE_BASES if layout.candidate(b).is_dir()]
     if not cands:
         raise InputError(f"no merged checkpoint to verify in {layout.root}: run the merge stage first")
-    with stage_record(layout, "verify") as rec:
+    if cfg.merge.base != "auto" and cfg.merge.base not in cands:
+        raise InputError(
+            f"{layout.candidate(cfg.merge.base)} (merge.base '{cfg.merge.base}') is missing in {layout.root}: "
+            "run the merge stage first"
+        )
+    with stage_record(layout, "verify", fingerprint.inputs(cfg, "verify")) as rec:
+        rec["consumed"] = {layout.candidate(b).name: fingerprint.path_fingerprint(layout.candidate(b)) for b in cands}
         device = apply_runtime(cfg.runtime)
         merge_rec = read_record(layout, "merge") or {}
         adapter = AdapterFiles(cfg.effective_adapter, cfg.adapter.allow_pickle)
