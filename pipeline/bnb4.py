@@ -256,7 +256,7 @@ class BaseTensors:
         from pipeline.models import bnb_config
 
         self.ckpt, self.dq, self.source, self.device = ckpt, cfg.dequantize, source, device
-        config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=cfg.base.trust_remote_code)
+        self.config = config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=cfg.base.trust_remote_code)
         saved_qc = ckpt.quantization_config
         if source == "original" and ckpt.is_bnb_4bit:
             raise InputError("merge.base 'original' needs the full-precision base; base.path is saved in 4-bit.")
@@ -381,11 +381,6 @@ class BaseTensors:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter
 
-            model, _, _ = skeleton(self._config_for_converters(), None, torch.float32)
+            model, _, _ = skeleton(self.config, None, torch.float32)
             self._converters = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightConverter)]
         return next(c for c in self._converters if source_pattern in c.source_patterns)
-
-    def _config_for_converters(self):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(self.ckpt.folder)
