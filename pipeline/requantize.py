@@ -47,7 +47,7 @@ def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = Fa
             dtype=half,
             offload=offload,
         )
-        nll = gptq.reload_check(tmp, calib, cfg, device)
+        nll = gptq.reload_check(tmp, calib, cfg, device, layerwise=offload)
     return {
         "artefact": str(out),
         "tag": gptq.tag(rq),
