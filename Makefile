@@ -8,7 +8,7 @@ DEMO_DIR ?= build/demo
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: qlora-merge install demo test test-fast bench bench-vocab compare clean
+.PHONY: qlora-merge install demo test test-fast bench bench-vocab bench-scale compare clean
 
 qlora-merge: install
 	@if grep -q "$(DEMO_DIR)/" "$(CONFIG)"; then $(MAKE) --no-print-directory demo; fi
@@ -41,6 +41,13 @@ bench: install demo
 # Evaluation memory on a 262144-token vocabulary (synthetic Gemma-3-270M shape): make bench-vocab
 bench-vocab: install demo
 	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench_vocab --out runs/bench-vocab
+
+# Scale benchmark (issue 10): synthetic Llama-3.1-8B and Llama-3-70B-shaped checkpoints (the 70B cut
+# to 4 layers), dequantize/merge/verify per stage against this machine's disk and NF4 limits, GPTQ on
+# 2-layer slices, the full 70B projected; runs/bench-scale/bench.{md,json}. Needs ~50 GB free disk and
+# 30 min to hours on a 2-core CPU. BENCH_FLAGS: --keep --skip-70b --skip-8b --skip-gptq --small --calib N L
+bench-scale: install
+	HF_HUB_OFFLINE=1 nice -n 10 $(PY) -m pipeline.bench_scale --out runs/bench-scale $(BENCH_FLAGS)
 
 # Side-by-side table and plot of existing runs: make compare RUNS="runs/a runs/b" [OUT=runs/compare]
 compare: install

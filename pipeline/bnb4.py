@@ -239,7 +239,7 @@ class _SliceInfo:
 
 
 class BaseTensors:
-    """The base model's parameters, one at a time, in float32, as training loaded them.
+    """The base model's parameters, one at a time, as training loaded them (float32 unless asked otherwise).
 
     ``source="dequantized"``: the 4-bit base as QLoRA training saw it (:func:`reconstruct`, or
     the stored quant state of a base saved in 4-bit); ``source="original"``: the checkpoint's
@@ -284,8 +284,14 @@ class BaseTensors:
         """Whether training saw parameter ``name`` in 4-bit."""
         return any(p.action in ("quantize", "prequantized") for p in self.by_target.get(name, []))
 
-    def get(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` as training loaded it, float32, in the model's layout.
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Parameter ``name`` as training loaded it, in the model's layout, converted to ``dtype``
+        (float32 by default; the merge works in it).
+
+        A tensor loaded as it is stored (embeddings, norms, ``lm_head``) is converted while it is
+        read, without a float32 copy in between: ``ckpt -> load dtype -> dtype`` gives the values
+        of ``ckpt -> load dtype -> float32 -> dtype`` (widening to float32 is exact; only NaN
+        payloads may differ).
 
         Raises:
             KeyError: the checkpoint does not feed ``name``.
@@ -303,8 +309,8 @@ class BaseTensors:
         elif head.converter is not None:
             t = self._fused(name, plans)
         else:
-            t = self.ckpt.get(head.key).to(head.dtype)
-        return t.to(torch.float32).contiguous()  # fresh memory: every read allocates its own
+            return self.ckpt.get(head.key, dtype=dtype, via=head.dtype)  # fresh memory
+        return t.to(dtype).contiguous()  # fresh memory: every read allocates its own
 
     def params4bit(self, name: str, meta_param, device: str = "cpu"):
         """The ``Params4bit`` of 4-bit parameter ``name`` exactly as transformers materializes it:

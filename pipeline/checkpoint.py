@@ -243,9 +243,10 @@ class Checkpoint:
         """Bytes of all tensors as stored."""
         return sum(t.nbytes for t in self.tensors.values())
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its file into fresh memory (:func:`read_tensor`)."""
-        return read_tensor(self.tensors[name].file, name, self._headers)
+    def get(self, name: str, dtype: torch.dtype | None = None, via: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read from its file into fresh memory (:func:`read_tensor`); with ``dtype``,
+        converted to it (through ``via`` first, when given) as it is read."""
+        return read_tensor(self.tensors[name].file, name, self._headers, dtype=dtype, via=via, ahead=True)
 
     @cached_property
     def _headers(self) -> dict:
@@ -261,29 +262,128 @@ def _header(path: Path, cache: dict) -> tuple[dict, int]:
     return cache[path]
 
 
-def read_tensor(path: Path, name: str, cache: dict | None = None) -> torch.Tensor:
+_CONVERT_CHUNK_BYTES = 64 << 20  # stored bytes read per step when converting while reading
+
+
+def _pread_into(fh, view: memoryview, offset: int, path, name: str) -> None:
+    pos = 0
+    while pos < len(view):
+        got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
+        if got <= 0:
+            raise InputError(f"'{path}' ends inside tensor '{name}': the file is truncated. Re-download it.")
+        pos += got
+
+
+def read_tensor(
+    path: Path,
+    name: str,
+    cache: dict | None = None,
+    dtype: torch.dtype | None = None,
+    via: torch.dtype | None = None,
+    ahead: bool = False,
+) -> torch.Tensor:
     """One tensor of a safetensors file, read with ``pread`` into a fresh tensor.
 
     Unlike ``safetensors.safe_open`` (a memory map, whose pages count in the process's resident
     memory once touched, and which hands out the same shared buffer on every read), this
     allocates exactly the tensor: reading a 70B checkpoint one tensor at a time keeps the
     resident memory at the tensor being processed.
+
+    With ``dtype`` (and ``via``), the tensor is converted as ``t.to(via).to(dtype)`` one slice
+    of 64 MB at a time while it is read, so that memory holds the result and one slice, never
+    the stored tensor and its conversion together (a 128256 x 8192 embedding in float32 is
+    4.2 GB; read whole and converted, 6.3 GB). Conversions are element-wise: the result is the
+    whole-tensor conversion's.
+
+    ``ahead``: have the bytes that follow in the file (twice this tensor, 64 MB to 2 GB) read
+    into the page cache in the background while the caller works on this one
+    (:class:`_ReadAhead`): checkpoints are read in about their stored order, so the next read
+    comes from the page cache instead of waiting on the disk. Page cache, not this process's memory.
     """
     header, start = _header(Path(path), {} if cache is None else cache)
     meta = header[name]
     lo, hi = meta["data_offsets"]
-    buf = bytearray(hi - lo)
+    stored = _ST_DTYPES[meta["dtype"]]
+    convert = any(d is not None and d != stored for d in (via, dtype))
     with open(path, "rb", buffering=0) as fh:
-        view, pos = memoryview(buf), 0
-        while pos < len(buf):
-            got = os.preadv(fh.fileno(), [view[pos:]], start + lo + pos)
-            if got <= 0:
-                raise InputError(f"'{path}' ends inside tensor '{name}': the file is truncated. Re-download it.")
-            pos += got
-    dtype = _ST_DTYPES[meta["dtype"]]
-    if not buf:
-        return torch.empty(meta["shape"], dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+        if not convert:
+            buf = bytearray(hi - lo)
+            _pread_into(fh, memoryview(buf), start + lo, path, name)
+            _read_ahead(fh, start + hi, hi - lo, ahead)
+            if not buf:
+                return torch.empty(meta["shape"], dtype=stored)
+            return torch.frombuffer(buf, dtype=stored).reshape(meta["shape"])
+        out = torch.empty(meta["shape"], dtype=dtype or via)
+        flat, item = out.view(-1), torch.empty((), dtype=stored).element_size()
+        step = max(1, _CONVERT_CHUNK_BYTES // item)
+        buf = bytearray(min(flat.numel(), step) * item)
+        for i in range(0, flat.numel(), step):
+            k = min(step, flat.numel() - i)
+            view = memoryview(buf)[: k * item]
+            _pread_into(fh, view, start + lo + i * item, path, name)
+            t = torch.frombuffer(buf, dtype=stored, count=k)
+            for d in (via, dtype):
+                if d is not None:
+                    t = t.to(d)
+            flat[i : i + k].copy_(t)
+        _read_ahead(fh, start + hi, hi - lo, ahead)
+    return out
+
+
+def _read_ahead(fh, offset: int, nbytes: int, ahead: bool) -> None:
+    if ahead and hasattr(os, "posix_fadvise"):
+        _ReadAhead.shared().request(fh.name, offset, min(2 << 30, max(64 << 20, 2 * nbytes)))
+
+
+class _ReadAhead:
+    """One background thread that asks the kernel to read file ranges into the page cache
+    (``POSIX_FADV_WILLNEED`` in 8 MB steps: the kernel caps each call at its read-ahead window,
+    and the calls block while the disk queue is full, so they run off the caller's thread).
+    Only the latest request is kept; a new one replaces what is left of the previous one."""
+
+    _instance = None
+    STEP = 8 << 20
+
+    def __init__(self):
+        import threading
+
+        self._cv = threading.Condition()
+        self._job: tuple | None = None
+        threading.Thread(target=self._run, name="read-ahead", daemon=True).start()
+
+    @classmethod
+    def shared(cls) -> "_ReadAhead":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def request(self, path, offset: int, length: int) -> None:
+        with self._cv:
+            self._job = (str(path), offset, offset + length)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None:
+                    self._cv.wait()
+                path, pos, end = self._job
+                self._job = None
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                while pos < end:
+                    with self._cv:
+                        if self._job is not None:  # superseded
+                            break
+                    os.posix_fadvise(fd, pos, min(self.STEP, end - pos), os.POSIX_FADV_WILLNEED)
+                    pos += self.STEP
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 class ShardWriter:

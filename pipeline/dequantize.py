@@ -15,7 +15,7 @@ from pipeline import fingerprint
 from pipeline.adapter_checks import check_adapter
 from pipeline.bnb4 import BaseTensors
 from pipeline.checkpoint import Checkpoint, ShardWriter
-from pipeline.common import DTYPES, log, publish_dir
+from pipeline.common import DTYPES, all_finite, log, publish_dir
 from pipeline.errors import InputError
 from pipeline.models import apply_runtime, load_tokenizer
 from pipeline.records import stage_record
@@ -63,8 +63,8 @@ def run(cfg) -> Path | None:
         with publish_dir(out) as tmp:
             writer = ShardWriter(tmp, int(cfg.runtime.shard_size_gb * 1e9))
             for name in tqdm(tensors.targets, desc="dequantize", unit="tensor", leave=False):
-                t = tensors.get(name).to(dtype)
-                if not bool(t.isfinite().all()):
+                t = tensors.get(name, dtype)
+                if not all_finite(t):
                     raise InputError(
                         f"dequantized weight '{name}' holds inf/NaN in {cfg.out_dtype}; set "
                         "dequantize.dtype: bfloat16 (float16 overflows above 65504)."

@@ -144,6 +144,8 @@ def quantize(
     finally:
         if offload_dir is not None:
             shutil.rmtree(offload_dir, ignore_errors=True)
+    if offload:
+        recast_saved(out_dir, getattr(torch, dtype))
     # GPTQModel rewrites generation_config.json (do_sample=True); keep the model's own.
     for f in ("generation_config.json", "chat_template.jinja"):
         if (Path(merged_dir) / f).is_file():
@@ -169,21 +171,78 @@ def _quantize(merged_dir: Path, out_dir: Path, qcfg, calib: list[dict], device: 
         )
         result = model.quantize(calib, batch_size=1, backend=BACKEND.AUTO)
         half = getattr(torch, dtype)
-        model.model.to(half)
+        if not qcfg.offload_to_disk:  # offloaded layers are cast after the save (recast_saved)
+            model.model.to(half)
         model.model.config.dtype = half
         model.save(str(out_dir))
     return result
 
 
-def reload_check(out_dir: Path, calib: list[dict], cfg, device: str) -> float:
+def recast_saved(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite the floating tensors of the safetensors files in ``folder`` in ``dtype``, one file
+    and one tensor at a time, and set ``config.json``'s ``dtype``: what ``model.to(dtype)`` before
+    the save does without offload.
+
+    With ``offload_to_disk``, GPTQModel keeps layers (and the embeddings) on disk as meta
+    placeholders and its save copies their stored bytes: ``model.to(dtype)`` beforehand makes the
+    save refuse them (``Offload metadata mismatch``), and without it the embeddings stay in the
+    float32 GPTQModel loaded them in. Casting afterwards gives the same tensors as the cast before.
+    """
+    import json
+
+    from pipeline.checkpoint import _ST_DTYPES, ShardWriter, read_tensor
+
+    folder = Path(folder)
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        meta = header.pop("__metadata__", None) or {}
+        names = list(header)
+        floating = [n for n in names if _ST_DTYPES[header[n]["dtype"]].is_floating_point]
+        if all(_ST_DTYPES[header[n]["dtype"]] == dtype for n in floating):
+            total += f.stat().st_size
+            continue
+        tmp = folder / f".recast-{f.name}"
+        tmp.mkdir()
+        writer = ShardWriter(tmp, max_shard_bytes=1 << 62, metadata=meta)
+        cache: dict = {}
+        for n in names:
+            t = read_tensor(f, n, cache)
+            writer.add(n, t.to(dtype) if t.is_floating_point() else t)
+            del t
+        (written,) = writer.finish()
+        written.replace(f)
+        tmp.rmdir()
+        total += f.stat().st_size
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(doc, indent=2))
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def reload_check(out_dir: Path, calib: list[dict], cfg, device: str, layerwise: bool = False) -> float:
     """Reload the GPTQ checkpoint with plain ``transformers`` and return the mean NLL (nats/token)
     of one calibration row.
+
+    ``layerwise`` (a model too large for memory, ``runtime.offload``) on CPU: ``transformers``
+    would hold the whole model densely (its CPU GPTQ kernel unpacks every weight: 11.5 GB for
+    two Llama-3-8B layers); instead the checkpoint is checked for a complete GPTQ tensor set per
+    quantized linear and run one decoder layer at a time from its own packed tensors
+    (:class:`GPTQTensors`, equal to the torch kernel's weights: ``tests/test_gptq.py``).
 
     Raises:
         VerificationError: it does not load, or gives non-finite logits or loss.
     """
     from pipeline.models import load_causal_lm
 
+    if layerwise and device == "cpu":
+        return _reload_check_layerwise(out_dir, calib, cfg)
     try:
         model = load_causal_lm(out_dir, cfg, device=device, dtype=torch.float32 if device == "cpu" else None)
         ids = torch.tensor([calib[0]["input_ids"]], device=model.device)
@@ -194,6 +253,28 @@ def reload_check(out_dir: Path, calib: list[dict], cfg, device: str) -> float:
     if not (torch.isfinite(out.logits).all() and torch.isfinite(out.loss)):
         raise VerificationError("GPTQ checkpoint reloads but gives non-finite logits")
     return out.loss.item()
+
+
+def _reload_check_layerwise(out_dir: Path, calib: list[dict], cfg) -> float:
+    from pipeline.models import gptq_source
+
+    try:
+        tensors = GPTQTensors(out_dir)
+        qc = tensors.ckpt.quantization_config or {}
+        if qc.get("quant_method") != "gptq" or not tensors.quantized:
+            raise ValueError(f"config.json has no GPTQ quantization_config or no packed weights ({qc})")
+        for p in sorted(tensors.quantized):
+            missing = [s for s in (".qzeros", ".scales", ".g_idx") if p + s not in tensors.ckpt.tensors]
+            if missing:
+                raise ValueError(f"'{p}' lacks {missing}")
+        ids = torch.tensor([calib[0]["input_ids"]])
+        logp = next(iter(gptq_source(out_dir, cfg, "cpu", layerwise=True).iter_logprobs(ids)))
+    except Exception as e:  # noqa: BLE001 - any failure to reload means the artefact is unusable
+        raise VerificationError(f"GPTQ checkpoint does not reload: {type(e).__name__}: {e}") from e
+    nll = -logp.gather(1, ids[0, 1:, None]).mean()
+    if not (torch.isfinite(logp).all() and torch.isfinite(nll)):
+        raise VerificationError("GPTQ checkpoint reloads but gives non-finite logits")
+    return nll.item()
 
 
 def check_group_sizes(settings, widths: dict[str, int], where: str = "requantize") -> None:
@@ -250,7 +331,7 @@ def dequantize_linear(qweight, qzeros, scales, g_idx, bits: int, checkpoint_form
 
 
 class GPTQTensors:
-    """A GPTQ checkpoint's parameters as floats, one at a time (``get(name) -> float32``): a quantized
+    """A GPTQ checkpoint's parameters as floats, one at a time (``get(name, dtype=float32)``): a quantized
     ``<p>.weight`` is dequantized from ``qweight``/``qzeros``/``scales``/``g_idx``; the rest is read as stored."""
 
     def __init__(self, path):
@@ -261,7 +342,7 @@ class GPTQTensors:
         self.format = qc.get("checkpoint_format") or qc.get("format") or "gptq"
         self.quantized = {k[: -len(".qweight")] for k in self.ckpt.tensors if k.endswith(".qweight")}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         p = name.removesuffix(".weight")
         if name.endswith(".weight") and p in self.quantized:
             g_idx = self.ckpt.get(p + ".g_idx")
@@ -269,8 +350,8 @@ class GPTQTensors:
             bits = qweight.shape[0] * 32 // g_idx.numel()
             return dequantize_linear(
                 qweight, self.ckpt.get(p + ".qzeros"), self.ckpt.get(p + ".scales"), g_idx, bits, self.format
-            )
-        return self.ckpt.get(name).float()
+            ).to(dtype)
+        return self.ckpt.get(name, dtype=torch.float32).to(dtype)
 
     def config(self):
         """The checkpoint's config without its ``quantization_config`` (a plain float model's)."""

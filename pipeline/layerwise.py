@@ -73,7 +73,7 @@ def base_name(name: str) -> str:
 
 
 class PlainFiller:
-    """Materializes parameters from a tensor source (``get(name) -> float32``, e.g.
+    """Materializes parameters from a tensor source (``get(name, dtype)``, e.g.
     :class:`pipeline.bnb4.BaseTensors`) in ``dtype``; parameters that are already real (adapter
     tensors) are left alone."""
 
@@ -83,7 +83,7 @@ class PlainFiller:
 
     def tensor(self, name: str) -> torch.Tensor:
         name = base_name(name)
-        return self.tensors.get(self.aliases.get(name, name)).to(self.device, self.dtype)
+        return self.tensors.get(self.aliases.get(name, name), self.dtype).to(self.device)
 
     def make(self, module: nn.Module, pname: str, full: str, old: nn.Parameter) -> nn.Parameter:
         return nn.Parameter(self.tensor(full), requires_grad=False)
@@ -187,6 +187,24 @@ def _outside(model: nn.Module, layers: nn.ModuleList, exclude: nn.Module | None)
     return out
 
 
+def vocab_hint(model: nn.Module) -> int:
+    """Rows of the output embedding (the vocabulary the logits cover)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else 1
+
+
+def _bytes_when_filled(modules: list[tuple[str, nn.Module]], filler) -> int:
+    """Bytes the meta parameters of ``modules`` take once ``filler`` materializes them."""
+    size = torch.empty((), dtype=filler.dtype).element_size()
+    seen, n = set(), 0
+    for _, m in modules:
+        for p in m.parameters():
+            if p.device.type == "meta" and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel() * size
+    return n
+
+
 @torch.no_grad()
 def iter_logprobs(
     model: nn.Module, filler, wins: torch.Tensor, chunk: int = 8, device: str = "cpu"
@@ -224,18 +242,32 @@ def iter_logprobs(
                 out = layer(hidden, *extra, **kwargs)
             as_tuple = isinstance(out, tuple)
             hidden = out[0] if as_tuple else out
-        # 3. the head on the last hidden states, one window at a time (logits are [seq_len, vocab])
+        # 3. the head on the last hidden states, one window at a time (logits are [seq_len, vocab]).
+        # The head is released before anything is yielded: a consumer running another model in
+        # lockstep (eval.metrics.score) then never holds two heads (2 x 4.2 GB for a 70B in
+        # float32). The log-probs of up to as many windows as fit in the head's own bytes are
+        # computed per filling, so the head is read once per chunk unless a window's log-probs
+        # are larger than the head.
         originals = list(layers)
+        head = _outside(inner, layers, emb)
+        per_window = (ids.shape[1] - 1) * vocab_hint(inner) * 4
+        batch = max(1, _bytes_when_filled(head, filler) // max(1, per_window))
         try:
             for i in range(len(layers)):
                 layers[i] = _Replay(None, as_tuple)
-            with contextlib.ExitStack() as stack:
-                for name, m in _outside(inner, layers, emb):
-                    stack.enter_context(filler.filled(m, prefix_of[id(m)]))
-                for j in range(hidden.shape[0]):
-                    layers[0].hidden = hidden[j : j + 1]
-                    zeros = torch.zeros_like(hidden[j : j + 1])
-                    yield logprobs_from_logits(model(inputs_embeds=zeros, use_cache=False).logits[0, :-1])
+            for j0 in range(0, hidden.shape[0], batch):
+                done = []
+                with contextlib.ExitStack() as stack:
+                    for name, m in head:
+                        stack.enter_context(filler.filled(m, prefix_of[id(m)]))
+                    for j in range(j0, min(j0 + batch, hidden.shape[0])):
+                        layers[0].hidden = hidden[j : j + 1]
+                        zeros = torch.zeros_like(hidden[j : j + 1])
+                        logits = model(inputs_embeds=zeros, use_cache=False).logits[0, :-1]
+                        done.append(logprobs_from_logits(logits))
+                        del logits
+                while done:
+                    yield done.pop(0)
         finally:
             for i, m in enumerate(originals):
                 layers[i] = m

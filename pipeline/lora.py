@@ -345,8 +345,12 @@ def _merge_trainable_tokens(wrapper, prefix: str, load) -> dict[str, torch.Tenso
             layer.merged_adapters.clear()
 
 
-def merge_unit(unit: Unit, load) -> dict[str, torch.Tensor]:
-    """The merged float32 tensors of one unit, by parameter name."""
+def merge_unit(unit: Unit, load, load_plain=None) -> dict[str, torch.Tensor]:
+    """The merged float32 tensors of one unit, by parameter name.
+
+    ``load_plain``: where a plain module's own base parameters come from (default ``load``); the
+    merge leaves them as they are, so a caller that casts them afterwards can read them in the
+    output dtype directly (no float32 copy of a vocabulary-sized matrix)."""
     if unit.kind == "lora":
         return _merge_lora(unit.module, unit.name, load)
     if unit.kind == "param_lora":
@@ -357,18 +361,23 @@ def merge_unit(unit: Unit, load) -> dict[str, torch.Tensor]:
         return _merge_trainable_tokens(unit.module, unit.name, load)
     # a plain module: its own parameters; real ones came from the adapter file (trained biases,
     # saved embedding layers), meta ones from the base
+    load_plain = load_plain or load
     return {
-        _full(unit.name, pn): (load(_full(unit.name, pn)) if p.device.type == "meta" else p.detach().clone())
+        _full(unit.name, pn): (load_plain(_full(unit.name, pn)) if p.device.type == "meta" else p.detach().clone())
         for pn, p in unit.module.named_parameters(recurse=False)
     }
 
 
-def iter_merged(pm, load: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged(pm, load: Callable[[str], torch.Tensor], load_plain=None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(parameter name, merged float32 tensor)`` for every parameter of the base model, one module at
-    a time; ``load(name)`` gives a base parameter as training loaded it (fresh memory, float32).
-    Tied duplicates (``lm_head.weight``) come separately, each from its own wrapper."""
+    a time; ``load(name)`` gives a base parameter as training loaded it (fresh memory, float32);
+    ``load_plain``: see :func:`merge_unit`. Tied duplicates (``lm_head.weight``) come separately,
+    each from its own wrapper. Each unit's tensors are released before the next unit is merged."""
     for unit in iter_units(pm):
-        yield from merge_unit(unit, load).items()
+        merged = merge_unit(unit, load, load_plain)
+        while merged:
+            name = next(iter(merged))
+            yield name, merged.pop(name)
 
 
 def resolve_tie(first: torch.Tensor, second: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from pipeline import fingerprint
 from pipeline.adapter_checks import check_adapter
 from pipeline.bnb4 import BaseTensors
 from pipeline.checkpoint import AdapterFiles, Checkpoint, ShardWriter
-from pipeline.common import DTYPES, log, publish_dir
+from pipeline.common import DTYPES, all_finite, log, publish_dir
 from pipeline.errors import InputError
 from pipeline.layout import MERGE_BASES
 from pipeline.models import apply_runtime, load_tokenizer
@@ -89,7 +89,7 @@ def _cast_checked(name: str, t: torch.Tensor, dtype_name: str) -> torch.Tensor:
         InputError: the tensor holds inf/NaN after the cast (float16 overflow: suggests bfloat16).
     """
     out = t.to(DTYPES[dtype_name])
-    if out.is_floating_point() and not torch.isfinite(out).all():
+    if not all_finite(out):
         hint = (
             " Values above 65504 overflow float16: set dequantize.dtype: bfloat16." if dtype_name == "float16" else ""
         )
@@ -114,12 +114,15 @@ def write_merged(
     def load(name: str) -> torch.Tensor:
         return tensors.get(aliases.get(name, name)).cpu()
 
+    def load_plain(name: str) -> torch.Tensor:  # kept as is by the merge: read straight in the output dtype
+        return tensors.get(aliases.get(name, name), DTYPES[dtype_name]).cpu()
+
     expected = dict(pm.base_model.model.named_parameters(remove_duplicate=False))
     writer = ShardWriter(folder, max_shard_bytes)
     held: dict[str, torch.Tensor] = {}
     tied = None
     try:
-        for name, t in iter_merged(pm, load):
+        for name, t in iter_merged(pm, load, load_plain):
             if name in expected and tuple(expected[name].shape) != tuple(t.shape):
                 raise ValueError(
                     f"base tensor '{name}' has shape {list(t.shape)}, the model expects {list(expected[name].shape)}"
@@ -130,6 +133,7 @@ def write_merged(
             if pair is None:
                 for key, piece in tensors.checkpoint_pieces(name, out):
                     writer.add(key, piece)
+                del out, piece  # not held while the next module merges
                 continue
             held[name] = out  # one side of a tied pair: decide once both are merged
             dup, src = pair

@@ -48,7 +48,7 @@ def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = Fa
             offload=offload,
             offload_dir=layout.scratch / "gptq-offload",
         )
-        nll = gptq.reload_check(tmp, calib, cfg, device)
+        nll = gptq.reload_check(tmp, calib, cfg, device, layerwise=offload)
     return {
         "artefact": str(out),
         "tag": gptq.tag(rq),

@@ -93,3 +93,31 @@ def test_float_copy_equals_the_torch_kernel(merged_run, alt, tmp_path):
     assert (a - b).abs().max().item() < 1e-4
     p, q = c.log_softmax(-1), a.log_softmax(-1)
     assert (p.exp() * (p - q)).sum(-1).mean().item() < 1e-3
+
+
+def test_offloaded_gptq_is_saved_in_the_asked_dtype(merged_run, tmp_path):
+    """With GPTQModel's disk offload (large models), ``model.to(dtype)`` before the save broke it
+    (offloaded placeholders changed dtype: "Offload metadata mismatch"); the checkpoint is now cast
+    after the save: every floating tensor and config.json in the asked dtype, and it reloads."""
+    import struct
+
+    from pipeline import gptq
+    from pipeline.models import load_tokenizer
+    from pipeline.textdata import calibration_windows
+
+    rq = merged_run.requantize
+    calib = calibration_windows(load_tokenizer(merged_run.layout.merged, merged_run), rq.calibration, 4, 128)
+    out = tmp_path / "gptq-offload"
+    out.mkdir()
+    gptq.quantize(merged_run.layout.merged, out, rq, calib, "cpu", tmp_path / "logs", dtype="bfloat16", offload=True)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    dtypes = {}
+    for f in out.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        dtypes.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
+    assert {d for d in dtypes.values() if d.startswith(("F", "BF"))} == {"BF16"}
+    assert any(k.endswith(".qweight") for k in dtypes)
+    # transformers' own reload and the one-layer-at-a-time check of large models agree
+    whole = gptq.reload_check(out, calib, merged_run, "cpu")
+    assert gptq.reload_check(out, calib, merged_run, "cpu", layerwise=True) == pytest.approx(whole, rel=1e-3)
