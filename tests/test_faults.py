@@ -255,6 +255,7 @@ def test_kill_9_then_resume(victim, tiny_base, tiny_adapter, tmp_path):
     assert (rd / ".merged-dequantized.unverified.partial").is_dir()  # complete, not yet published
     if victim == "parent":
         os.kill(run.proc.pid, signal.SIGKILL)
+        assert _gone(run.proc.pid)  # dead before the pause is released (the kernel has told the stage)
     elif victim == "child":
         os.kill(child, signal.SIGKILL)
     else:  # everything at once, before either can react
