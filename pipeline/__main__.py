@@ -44,7 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimated peak RAM, GPU memory, disk and time per stage")
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    sub.add_parser("check-config", help=argparse.SUPPRESS).add_argument("--config", required=True)
     return ap
 
 
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
 
         overrides = {"output": {"dir": str(Path(a.output_dir).resolve())}} if getattr(a, "output_dir", None) else None
         cfg = load_config(a.config, overrides, check_paths=not getattr(a, "allow_absent", False))
-        if a.cmd in ("check", "check-config"):
+        if a.cmd == "check":
             from pipeline.check import check_run
 
             out = check_run(cfg, allow_absent=getattr(a, "allow_absent", False))
