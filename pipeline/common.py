@@ -100,9 +100,9 @@ def check_not_orphaned() -> None:
     if parent and os.getppid() != int(parent):
         import signal
 
-        from pipeline.errors import Interrupted
+        from pipeline.processes import stop
 
-        raise Interrupted(signal.SIGTERM)
+        raise stop(signal.SIGTERM)
 
 
 def write_error(path: Path, e: OSError):

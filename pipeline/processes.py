@@ -12,6 +12,13 @@ parent dies (``prctl(PR_SET_PDEATHSIG)``), so a stage never outlives a parent ki
 ``kill -9``, and checks that the parent is still there; :func:`handle_signals` turns the
 three signals into :class:`~pipeline.errors.Interrupted`. Publishing steps also refuse to
 run in an orphan (:func:`pipeline.common.check_not_orphaned`).
+
+A process stops once: the first stop request (a signal, or a parent found gone) raises
+:class:`~pipeline.errors.Interrupted`, and later signals are ignored while its cleanup runs
+(removing a temporary folder, writing the record). Without that, a parent's death is seen
+twice, by the orphan check and by the kernel's SIGTERM, and the second interrupts the
+cleanup of the first, leaving a half-written folder behind. A cleanup that hangs is still
+killed: ``run`` kills the stage's group after :data:`GRACE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -31,13 +38,29 @@ PARENT_ENV = "QLORA_MERGE_PARENT"
 _PR_SET_PDEATHSIG = 1
 
 
+_stopping: list[int] = []  # the signal this process is stopping for, once it is
+
+
+def stop(signum: int) -> Interrupted:
+    """The :class:`Interrupted` for a stop request, with this process put in stopping mode: from
+    now on the three signals are ignored, so that the cleanup this exception triggers runs to
+    its end. Raise what it returns."""
+    if not _stopping:
+        _stopping.append(signum)
+    return Interrupted(signum)
+
+
 def _raise(signum, frame):
-    raise Interrupted(signum)
+    if _stopping:  # already stopping: let the cleanup finish
+        return
+    raise stop(signum)
 
 
 def handle_signals() -> dict:
-    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in this process's main thread; returns
-    the handlers they had (for :func:`restore_signals`)."""
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in this process's main thread (the
+    first one only, see the module's docstring); returns the handlers they had (for
+    :func:`restore_signals`)."""
+    _stopping.clear()
     return {s: signal.signal(s, _raise) for s in HANDLED}
 
 
@@ -63,7 +86,7 @@ def become_stage_child() -> None:
     except (OSError, AttributeError):  # not Linux: the publish-time orphan check still holds
         pass
     if os.getppid() != int(parent):
-        raise Interrupted(signal.SIGTERM)
+        raise stop(signal.SIGTERM)
 
 
 def peak_rss_of(pid: int) -> int | None:
@@ -134,7 +157,9 @@ def run_child(cmd: list[str], env: dict, poll_seconds: float = 0.5) -> ChildResu
         _killpg(proc.pid, signal.SIGKILL)
     res.returncode = proc.wait()
     res.killed_after_grace = res.returncode == -signal.SIGKILL
-    handle_signals()
+    for s in HANDLED:  # this process is stopping too: later signals are ignored
+        signal.signal(s, _raise)
+    stop(res.stopped_by.signum)
     return res
 
 
