@@ -42,10 +42,16 @@ class TextSource(_Strict):
 
     name: str = "text"
     source: Literal["embedded", "file", "hub"] = "embedded"
-    format: Literal["text", "alpaca"] = Field(
+    format: Literal["text", "alpaca", "chat"] = Field(
         "text",
-        description="alpaca: a JSON list of instruction records, "
-        "rendered with the training prompt; split every 10th record held out",
+        description="alpaca: instruction records (instruction, input, output); chat: chat records "
+        "(messages: role/content, or ShareGPT conversations); a JSON list or JSONL, rendered as in "
+        "training (see template); every 10th record held out",
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto",
+        description="how alpaca/chat records are rendered: the tokenizer's chat template (chat), the "
+        "Alpaca prompt (alpaca), or auto: the chat template when the tokenizer has one, else the Alpaca prompt",
     )
     path: Optional[str] = None
     split: Literal["train", "heldout", "all"] = "heldout"
@@ -68,6 +74,29 @@ class TextSource(_Strict):
                 raise ValueError("source 'file' needs 'path'")
         if self.source == "hub" and not self.hub_name:
             raise ValueError("source 'hub' needs 'hub_name'")
+        if self.format != "text" and self.source != "file":
+            raise ValueError(f"format '{self.format}' reads records from a file: give source 'file' and 'path'")
+        return self
+
+
+class MixPart(TextSource):
+    """One part of a calibration mix: a text source and its share of the windows."""
+
+    weight: float = Field(1.0, gt=0, description="share of the calibration windows (weights are normalized)")
+
+
+class CalibrationMix(_Strict):
+    """A calibration set mixed from several text sources (e.g. the adapter's training records and
+    generic web text): each part fills its share of the windows with its own whole records."""
+
+    name: str = "mix"
+    mix: list[MixPart] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> "CalibrationMix":
+        names = [p.name for p in self.mix]
+        if len(set(names)) < len(names):
+            raise ValueError(f"the parts of a mix need distinct names, got {names}")
         return self
 
 
@@ -197,7 +226,10 @@ class RequantizeSection(_Strict):
     gptaq_alpha: Optional[float] = Field(None, gt=0, description="GPTAQ (GPTQ v2) with this alpha; None = plain GPTQ")
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
-    calibration: TextSource = TextSource(name="calibration", split="train")
+    calibration: TextSource | CalibrationMix = Field(
+        TextSource(name="calibration", split="train"),
+        description="a text source, or a mix {name, mix: [{<text source>, weight}]}",
+    )
     alternatives: list[GPTQSetting] = Field([], description="extra GPTQ checkpoints, evaluated as baselines")
     budget: Optional[BudgetSection] = None
 
@@ -294,7 +326,12 @@ class Config(_Strict):
 
     def text_sources(self) -> list[tuple[str, TextSource]]:
         """Every text source of the config with its key, e.g. ``("eval.datasets[0]", src)``."""
-        out = [("verify.data", self.verify.data), ("requantize.calibration", self.requantize.calibration)]
+        cal = self.requantize.calibration
+        out = [("verify.data", self.verify.data)]
+        if isinstance(cal, CalibrationMix):
+            out += [(f"requantize.calibration.mix[{i}]", p) for i, p in enumerate(cal.mix)]
+        else:
+            out.append(("requantize.calibration", cal))
         return out + [(f"eval.datasets[{i}]", d) for i, d in enumerate(self.eval.datasets)]
 
 

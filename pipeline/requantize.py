@@ -24,7 +24,16 @@ from pipeline.common import dir_size_bytes, log, publish_dir, within
 from pipeline.errors import InputError, VerificationError
 from pipeline.models import apply_runtime, gptq_source, layerwise_wanted, load_tokenizer, reference_model
 from pipeline.records import BudgetTry, GPTQBuild, stage_record
-from pipeline.textdata import calibration_windows, text_windows
+from pipeline.textdata import calibration_set, text_windows
+
+
+def describe_calibration(comp: dict) -> str:
+    """One line: '<name>: <tokens> tokens in <windows> windows of <= <seq_len> (<share> <part> ...)'."""
+    parts = ", ".join(
+        f"{100 * p['token_share']:.0f}% {p['name']}" + (f" ({p['template']} template)" if p.get("template") else "")
+        for p in comp["parts"]
+    )
+    return f"'{comp['name']}': {comp['tokens']} tokens in {comp['windows']} windows of <= {comp['seq_len']} ({parts})"
 
 
 def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = False) -> GPTQBuild:
@@ -33,7 +42,7 @@ def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = Fa
     t0 = time.perf_counter()
     half = cfg.out_dtype if cfg.out_dtype in ("float16", "bfloat16") else "float16"
     log(
-        f"requantize: GPTQ {gptq.tag(rq)} ({len(calib)} x {rq.seq_len} calibration tokens from "
+        f"requantize: GPTQ {gptq.tag(rq)} ({sum(len(r['input_ids']) for r in calib)} calibration tokens in {len(calib)} rows from "
         f"'{rq.calibration.name}', {device}) -> {out}"
     )
     with publish_dir(out) as tmp:
@@ -162,7 +171,10 @@ def run(cfg) -> Path | None:
         gptq.check_group_sizes(gptq.settings_to_check(rq), widths)  # refuse before any work
         device = apply_runtime(cfg.runtime)
         offload = layerwise_wanted(cfg, sum(t.numel for t in merged.tensors.values()))
-        calib = calibration_windows(load_tokenizer(layout.merged, cfg), rq.calibration, rq.num_samples, rq.seq_len)
+        calib, composition = calibration_set(
+            load_tokenizer(layout.merged, cfg), rq.calibration, rq.num_samples, rq.seq_len
+        )
+        log("requantize: calibration " + describe_calibration(composition))
         if rq.budget:
             out = _budget(cfg, calib, device, rec, offload)
             main = next(t for t in rec["budget"]["tried"] if t["within_budget"])
@@ -179,7 +191,8 @@ def run(cfg) -> Path | None:
             damp_percent=rq.damp_percent,
             calibration=rq.calibration.name,
             calibration_rows=len(calib),
-            calibration_tokens=len(calib) * rq.seq_len,
+            calibration_tokens=composition["tokens"],
+            calibration_composition=composition,
             engine="gptqmodel",
         )
     return out
