@@ -271,13 +271,34 @@ class GPTQSetting(_Strict):
         return v if v is None else _check_group_size(v)
 
 
+class AllocateSection(_Strict):
+    """Per-module precision within the budget: for a setting over budget, keep the quantized modules
+    that cost the most loss per byte in 16-bit until the predicted loss is within budget, then measure."""
+
+    sensitivity: Literal["kl", "gptq_loss"] = Field(
+        "kl",
+        description="kl: KL on verify windows with only that module quantized (one probe per module); "
+        "gptq_loss: GPTQ's own per-module loss (free, on each module's own scale)",
+    )
+    windows: int = Field(1, gt=0, description="verify windows the kl probes run on")
+    max_fp16_fraction: float = Field(
+        0.25, gt=0, le=1, description="at most this share of the quantized modules' extra 16-bit bytes"
+    )
+    tries: int = Field(3, gt=0, description="allocations measured per setting (the target is corrected after each)")
+
+
 class BudgetSection(_Strict):
     """Quality budget: try ``settings`` from the smallest checkpoint to the largest and keep the
-    first whose loss against the reference (on the verify text) is within budget."""
+    smallest checkpoint whose loss against the reference (on the verify text) is within budget;
+    with ``allocate``, a setting over budget is also tried with its most sensitive modules in 16-bit."""
 
     settings: list[GPTQSetting] = Field(..., min_length=1)
     max_perplexity_increase: Optional[float] = Field(None, gt=0, description="fraction, e.g. 0.05 for +5%")
     max_kl: Optional[float] = Field(None, gt=0, description="nats/token")
+    allocate: Optional[AllocateSection] = None
+    keep_tries: bool = Field(
+        False, description="keep every tried checkpoint as gptq-<tag>/ (evaluated on the eval texts, on the frontier)"
+    )
 
     @model_validator(mode="after")
     def _some(self) -> "BudgetSection":
