@@ -88,8 +88,32 @@ def _token_counts(cfg, needs: list[tuple], skipped: list[str]) -> list[str]:
     return problems
 
 
-def _text_needs(cfg, stages: list[str], problems: list[str]) -> list[tuple]:
+def _calibration_needs(key: str, cal, rq, problems: list[str]) -> list[tuple]:
+    """What a calibration set (one source or a mix) needs of each of its parts."""
     from pipeline.textdata import calibration_parts, max_tokens_for, window_shares
+
+    try:
+        shares = window_shares(cal, rq.num_samples)
+    except InputError as e:
+        problems.append(f"{key}: {e}")
+        return []
+    parts = calibration_parts(cal)
+    mixed = hasattr(cal, "mix")
+    return [
+        (
+            f"{key}.mix[{i}]" if mixed else key,
+            src,
+            n * rq.seq_len,
+            f"requantize.num_samples x seq_len = {n} x {rq.seq_len}" + (" (its share of the mix)" if mixed else ""),
+            max_tokens_for(src, "calibration", rq.seq_len, n),
+            "records",
+        )
+        for i, ((src, _), n) in enumerate(zip(parts, shares))
+    ]
+
+
+def _text_needs(cfg, stages: list[str], problems: list[str]) -> list[tuple]:
+    from pipeline.textdata import max_tokens_for
 
     rq, v, e = cfg.requantize, cfg.verify, cfg.eval
     needs = []
@@ -104,25 +128,15 @@ def _text_needs(cfg, stages: list[str], problems: list[str]) -> list[tuple]:
             )
         )
     if "requantize" in stages and rq.enabled:
-        try:
-            shares = window_shares(rq.calibration, rq.num_samples)
-        except InputError as e:
-            problems.append(str(e))
-            shares = []
-        parts = calibration_parts(rq.calibration)
-        for i, ((src, _), n) in enumerate(zip(parts, shares)):
-            mixed = len(parts) > 1 or hasattr(rq.calibration, "mix")
-            needs.append(
-                (
-                    f"requantize.calibration.mix[{i}]" if mixed else "requantize.calibration",
-                    src,
-                    n * rq.seq_len,
-                    f"requantize.num_samples x seq_len = {n} x {rq.seq_len}"
-                    + (" (its share of the mix)" if mixed else ""),
-                    max_tokens_for(src, "calibration", rq.seq_len, n),
-                    "records",
-                )
-            )
+        sets = [("requantize.calibration", rq.calibration)]
+        sets += [(f"requantize.alternatives[{i}].calibration", a.calibration) for i, a in enumerate(rq.alternatives)]
+        sets += [
+            (f"requantize.budget.settings[{i}].calibration", a.calibration)
+            for i, a in enumerate(rq.budget.settings if rq.budget else [])
+        ]
+        for key, cal in sets:
+            if cal is not None:
+                needs += _calibration_needs(key, cal, rq, problems)
     if "evaluate" in stages:
         needs += [
             (f"eval.datasets[{i}]", d, e.seq_len, "one window of eval.seq_len", max_tokens_for(d, "eval", e.seq_len))

@@ -264,6 +264,9 @@ class GPTQSetting(_Strict):
     damp_percent: Optional[float] = Field(None, gt=0, lt=1)
     mse: Optional[float] = Field(None, ge=0)
     gptaq_alpha: Optional[float] = Field(None, gt=0)
+    calibration: Optional[TextSource | CalibrationMix] = Field(
+        None, description="another calibration set for this setting (e.g. C4 only, to compare with a mix)"
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -347,12 +350,19 @@ class Config(_Strict):
 
     def text_sources(self) -> list[tuple[str, TextSource]]:
         """Every text source of the config with its key, e.g. ``("eval.datasets[0]", src)``."""
-        cal = self.requantize.calibration
+        rq = self.requantize
+        cals = [("requantize.calibration", rq.calibration)]
+        cals += [(f"requantize.alternatives[{i}].calibration", a.calibration) for i, a in enumerate(rq.alternatives)]
+        cals += [
+            (f"requantize.budget.settings[{i}].calibration", a.calibration)
+            for i, a in enumerate(rq.budget.settings if rq.budget else [])
+        ]
         out = [("verify.data", self.verify.data)]
-        if isinstance(cal, CalibrationMix):
-            out += [(f"requantize.calibration.mix[{i}]", p) for i, p in enumerate(cal.mix)]
-        else:
-            out.append(("requantize.calibration", cal))
+        for key, cal in cals:
+            if isinstance(cal, CalibrationMix):
+                out += [(f"{key}.mix[{i}]", p) for i, p in enumerate(cal.mix)]
+            elif cal is not None:
+                out.append((key, cal))
         return out + [(f"eval.datasets[{i}]", d) for i, d in enumerate(self.eval.datasets)]
 
 

@@ -36,13 +36,16 @@ def describe_calibration(comp: dict) -> str:
     return f"'{comp['name']}': {comp['tokens']} tokens in {comp['windows']} windows of <= {comp['seq_len']} ({parts})"
 
 
-def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = False) -> GPTQBuild:
-    """Quantize ``merged/`` with setting ``rq`` into ``out`` (atomic), reload-check it."""
+def build(cfg, rq, out: Path, calib, device: str, offload: bool = False) -> GPTQBuild:
+    """Quantize ``merged/`` with setting ``rq`` into ``out`` (atomic), reload-check it.
+
+    ``calib``: the calibration rows and their composition (:func:`pipeline.textdata.calibration_set`)."""
+    calib, composition = calib
     layout = cfg.layout
     t0 = time.perf_counter()
     half = cfg.out_dtype if cfg.out_dtype in ("float16", "bfloat16") else "float16"
     log(
-        f"requantize: GPTQ {gptq.tag(rq)} ({sum(len(r['input_ids']) for r in calib)} calibration tokens in {len(calib)} rows from "
+        f"requantize: GPTQ {gptq.tag(rq, cfg.requantize)} ({sum(len(r['input_ids']) for r in calib)} calibration tokens in {len(calib)} rows from "
         f"'{rq.calibration.name}', {device}) -> {out}"
     )
     with publish_dir(out) as tmp:
@@ -52,14 +55,16 @@ def build(cfg, rq, out: Path, calib: list[dict], device: str, offload: bool = Fa
             rq,
             calib,
             device,
-            log_dir=layout.stage_logs("requantize") / gptq.tag(rq),
+            log_dir=layout.stage_logs("requantize") / gptq.tag(rq, cfg.requantize),
             dtype=half,
             offload=offload,
         )
         nll = gptq.reload_check(tmp, calib, cfg, device)
     return {
         "artefact": str(out),
-        "tag": gptq.tag(rq),
+        "tag": gptq.tag(rq, cfg.requantize),
+        "calibration": rq.calibration.name,
+        "calibration_tokens": composition["tokens"],
         "bits": rq.bits,
         "group_size": rq.group_size,
         "desc_act": rq.desc_act,
@@ -161,7 +166,7 @@ def _allocate(cfg, s, src: Path, uniform: BudgetTry, ref, wins, device: str) -> 
         if not keep or keep == last_keep:
             break
         last_keep = keep
-        tag = f"{gptq.tag(s)}-keep{len(keep)}"
+        tag = f"{gptq.tag(s, cfg.requantize)}-keep{len(keep)}"
         out = layout.gptq_alternative(tag)
         t1 = time.perf_counter()
         with publish_dir(out) as tmp:
@@ -220,7 +225,7 @@ def _effective_bits(cost: dict, s, keep: list[str], shapes: dict) -> float:
     return ((total - kept) * gptq.bits_per_weight(s) + kept * 16) / total
 
 
-def _budget(cfg, calib, device, rec, offload: bool) -> Path:
+def _budget(cfg, cal, device, rec, offload: bool) -> Path:
     """Try the budget's settings from the smallest checkpoint up (with ``allocate``: each setting over
     budget also with its most sensitive modules in 16-bit); publish the smallest checkpoint within
     budget as ``gptq``."""
@@ -232,13 +237,13 @@ def _budget(cfg, calib, device, rec, offload: bool) -> Path:
     ref = reference_model(cfg, cfg.effective_adapter, device)
     tried: list[BudgetTry] = []
     for s in settings:
-        out = layout.gptq_alternative(gptq.tag(s))
+        out = layout.gptq_alternative(gptq.tag(s, rq))
         r: BudgetTry = {
-            **build(cfg, s, out, calib, device, offload),
+            **build(cfg, s, out, cal(s), device, offload),
             **within_budget(cfg, out, ref, wins, device),
         }
         log(
-            f"requantize: budget: {gptq.tag(s)} perplexity {r['perplexity_increase']:+.2%}, KL "
+            f"requantize: budget: {gptq.tag(s, rq)} perplexity {r['perplexity_increase']:+.2%}, KL "
             f"{r['kl_divergence']:.4g} -> {'within budget' if r['within_budget'] else 'over budget'}"
         )
         tried.append(r)
@@ -301,21 +306,36 @@ def run(cfg) -> Path | None:
         gptq.check_group_sizes(gptq.settings_to_check(rq), widths)  # refuse before any work
         device = apply_runtime(cfg.runtime)
         offload = layerwise_wanted(cfg, sum(t.numel for t in merged.tensors.values()))
-        calib, composition = calibration_set(
-            load_tokenizer(layout.merged, cfg), rq.calibration, rq.num_samples, rq.seq_len
-        )
-        log("requantize: calibration " + describe_calibration(composition))
+        tok = load_tokenizer(layout.merged, cfg)
+        sets: dict = {}
+
+        def cal(s):
+            """The calibration rows and composition of setting ``s`` (each set built once)."""
+            key = (s.calibration.model_dump_json(), s.num_samples, s.seq_len)
+            if key not in sets:
+                sets[key] = calibration_set(tok, s.calibration, s.num_samples, s.seq_len)
+                log("requantize: calibration " + describe_calibration(sets[key][1]))
+            return sets[key]
+
+        for s in [gptq.resolve(rq, a) for a in rq.alternatives] + [
+            gptq.resolve(rq, b) for b in (rq.budget.settings if rq.budget else [])
+        ]:
+            cal(s)  # every calibration set is checked before the first GPTQ run
+        calib, composition = cal(rq)
         if rq.budget:
-            out = _budget(cfg, calib, device, rec, offload)
+            out = _budget(cfg, cal, device, rec, offload)
             main = next(t for t in rec["budget"]["tried"] if t.get("chosen"))
         else:
             out = layout.gptq
-            main = build(cfg, rq, out, calib, device, offload)
+            main = build(cfg, rq, out, cal(rq), device, offload)
         rec.update(main)
         rec["alternatives"] = [
-            build(cfg, s, layout.gptq_alternative(gptq.tag(s)), calib, device, offload)
+            build(cfg, s, layout.gptq_alternative(gptq.tag(s, rq)), cal(s), device, offload)
             for s in (gptq.resolve(rq, a) for a in rq.alternatives)
         ]
+        for b in rec["alternatives"]:
+            if b["calibration"] != rq.calibration.name:
+                b["calibration_composition"] = next(c for _, c in sets.values() if c["name"] == b["calibration"])
         rec.update(
             offload_to_disk=offload,
             damp_percent=rq.damp_percent,

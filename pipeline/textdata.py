@@ -275,7 +275,7 @@ def window_shares(src, num_samples: int) -> list[int]:
     empty = [p.name for (p, _), k in zip(parts, n) if k == 0]
     if empty:
         raise InputError(
-            f"requantize.calibration: part(s) {empty} get no window of {num_samples} at their weight; raise "
+            f"calibration mix '{src.name}': part(s) {empty} get no window of {num_samples} at their weight; raise "
             "requantize.num_samples or their weight."
         )
     return n

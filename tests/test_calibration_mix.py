@@ -257,3 +257,27 @@ def test_mix_paths_are_taken_against_the_config_folder(tmp_path, tiny_base, tiny
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(InputError, match=r"requantize.calibration.mix\[0\] \(text source 'sft'\): file .* not found"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_an_alternative_with_its_own_calibration_is_checked_and_tagged(tiny_base, tiny_adapter, tmp_path):
+    from pipeline import gptq
+
+    cfg = tiny_config(
+        tiny_base,
+        tiny_adapter,
+        tmp_path / "runs",
+        requantize={
+            "alternatives": [
+                {"calibration": {"name": "tiny", "source": "embedded", "split": "train", "max_tokens": 100}},
+                {"damp_percent": 0.05},
+            ]
+        },
+    )
+    with pytest.raises(
+        InputError, match=r"requantize.alternatives\[0\].calibration \(text source 'tiny'\) gives 100 tokens"
+    ):
+        check.check_run(cfg)
+    rq = cfg.requantize
+    tags = [gptq.tag(gptq.resolve(rq, a), rq) for a in rq.alternatives]
+    assert tags == ["4bit-g32-act-cal-tiny", "4bit-g32-act-damp0.05"]
+    assert gptq.resolve(rq, rq.alternatives[0]).calibration.name == "tiny"
