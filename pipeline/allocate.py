@@ -55,7 +55,7 @@ def module_sensitivity(
     Args:
         model: the float model (the merged checkpoint, whole, in float32).
         tensors: the GPTQ checkpoint as floats (:class:`pipeline.gptq.GPTQTensors`).
-        wins: token windows ``[n, seq_len]``.
+        wins: token windows ``[n, seq_len]``, or a list of 1-D token tensors (calibration rows).
         modules: names to probe (default: every quantized module of ``tensors``).
 
     Each probe reruns only the decoder layers from the module's own layer on (their inputs are

@@ -223,7 +223,9 @@ class RequantizeSection(_Strict):
     damp_percent: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, fraction of the mean diagonal")
     damp_auto_increment: float = Field(0.01, ge=0, lt=1, description="damping step when Cholesky fails")
     mse: float = Field(0.0, ge=0, description="MSE scale search: exponent of the error norm (2.4 as in GPTQ); 0 = off")
-    gptaq_alpha: Optional[float] = Field(None, gt=0, description="GPTAQ (GPTQ v2) with this alpha; None = plain GPTQ")
+    gptaq_alpha: Optional[float] = Field(
+        None, ge=0, description="GPTAQ (GPTQ v2) with this alpha; None or 0 = plain GPTQ"
+    )
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
     calibration: TextSource | CalibrationMix = Field(
@@ -263,7 +265,7 @@ class GPTQSetting(_Strict):
     sym: Optional[bool] = None
     damp_percent: Optional[float] = Field(None, gt=0, lt=1)
     mse: Optional[float] = Field(None, ge=0)
-    gptaq_alpha: Optional[float] = Field(None, gt=0)
+    gptaq_alpha: Optional[float] = Field(None, ge=0, description="0: plain GPTQ (off)")
     calibration: Optional[TextSource | CalibrationMix] = Field(
         None, description="another calibration set for this setting (e.g. C4 only, to compare with a mix)"
     )
@@ -280,10 +282,11 @@ class AllocateSection(_Strict):
 
     sensitivity: Literal["kl", "gptq_loss"] = Field(
         "kl",
-        description="kl: KL on verify windows with only that module quantized (one probe per module); "
+        description="kl: KL on calibration windows with only that module quantized (one probe per module); "
         "gptq_loss: GPTQ's own per-module loss (free, on each module's own scale)",
     )
-    windows: int = Field(1, gt=0, description="verify windows the kl probes run on")
+    windows: int = Field(2, gt=0, description="calibration windows the kl probes run on")
+    probe_tokens: int = Field(256, gt=1, description="tokens of each window the kl probes run on")
     max_fp16_fraction: float = Field(
         0.25, gt=0, le=1, description="at most this share of the quantized modules' extra 16-bit bytes"
     )

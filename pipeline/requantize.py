@@ -116,7 +116,7 @@ def _floor(cfg, ref_ppl: float) -> tuple[float, float]:
     return float(kl), (ppl / ref_ppl - 1) if ppl else 0.0
 
 
-def _allocate(cfg, s, src: Path, uniform: BudgetTry, ref, wins, device: str) -> list[BudgetTry]:
+def _allocate(cfg, s, src: Path, uniform: BudgetTry, ref, wins, device: str, rows: list[dict]) -> list[BudgetTry]:
     """Per-module precision for setting ``s`` (checkpoint ``src``, over budget as ``uniform``): keep
     the modules with the most loss per byte in 16-bit (:func:`pipeline.allocate.choose_fp16`) until
     the predicted loss is within budget; write the mixed checkpoint (:func:`pipeline.allocate.splice`),
@@ -136,8 +136,10 @@ def _allocate(cfg, s, src: Path, uniform: BudgetTry, ref, wins, device: str) -> 
     t0 = time.perf_counter()
     if a.sensitivity == "kl":
         model = load_causal_lm(layout.merged, cfg, device=device, dtype=torch.float32)
+        # calibration text, not the verify text the budget is measured on
+        probe = [torch.tensor(r["input_ids"][: a.probe_tokens]) for r in rows[: a.windows]]
         sens = allocate.module_sensitivity(
-            model, tensors, wins[: a.windows], names, progress=f"requantize: sensitivity of {len(names)} modules"
+            model, tensors, probe, names, progress=f"requantize: sensitivity of {len(names)} modules"
         )
         del model
     else:
@@ -250,7 +252,7 @@ def _budget(cfg, cal, device, rec, offload: bool) -> Path:
         if r["within_budget"]:
             break  # every later setting is larger
         if b.allocate:
-            tried += _allocate(cfg, s, out, r, ref, wins, device)
+            tried += _allocate(cfg, s, out, r, ref, wins, device, cal(s)[0])
         if not b.keep_tries:
             shutil.rmtree(out)  # a rejected checkpoint is not kept
             r["artefact"] = None
