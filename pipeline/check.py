@@ -128,15 +128,16 @@ def _text_needs(cfg, stages: list[str], problems: list[str]) -> list[tuple]:
             )
         )
     if "requantize" in stages and rq.enabled:
-        sets = [("requantize.calibration", rq.calibration)]
-        sets += [(f"requantize.alternatives[{i}].calibration", a.calibration) for i, a in enumerate(rq.alternatives)]
-        sets += [
-            (f"requantize.budget.settings[{i}].calibration", a.calibration)
-            for i, a in enumerate(rq.budget.settings if rq.budget else [])
-        ]
-        for key, cal in sets:
-            if cal is not None:
-                needs += _calibration_needs(key, cal, rq, problems)
+        seen = set()
+        for key, s in gptq.settings_to_check(rq):  # every setting's calibration set, each counted once
+            ident = (s.calibration.model_dump_json(), s.num_samples, s.seq_len)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            own = key != "requantize" and s.calibration != rq.calibration
+            needs += _calibration_needs(
+                f"{key}.calibration" if own else "requantize.calibration", s.calibration, s, problems
+            )
     if "evaluate" in stages:
         needs += [
             (f"eval.datasets[{i}]", d, e.seq_len, "one window of eval.seq_len", max_tokens_for(d, "eval", e.seq_len))

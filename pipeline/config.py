@@ -266,6 +266,7 @@ class GPTQSetting(_Strict):
     damp_percent: Optional[float] = Field(None, gt=0, lt=1)
     mse: Optional[float] = Field(None, ge=0)
     gptaq_alpha: Optional[float] = Field(None, ge=0, description="0: plain GPTQ (off)")
+    num_samples: Optional[int] = Field(None, gt=0, description="calibration windows of this setting")
     calibration: Optional[TextSource | CalibrationMix] = Field(
         None, description="another calibration set for this setting (e.g. C4 only, to compare with a mix)"
     )

@@ -51,6 +51,8 @@ def tag(rq, base=None) -> str:
         extra += f"-gptaq{rq.gptaq_alpha:g}"
     if base is not None and rq.damp_percent != base.damp_percent:
         extra += f"-damp{rq.damp_percent:g}"
+    if base is not None and rq.num_samples != base.num_samples:
+        extra += f"-n{rq.num_samples}"
     if base is not None and rq.calibration != base.calibration:
         extra += f"-cal-{rq.calibration.name}"
     return f"{rq.bits}bit-g{rq.group_size}{'-act' if rq.desc_act else ''}{extra}"
