@@ -5,7 +5,9 @@
 writes ``DIR/compare.md`` (one row per (run, variant): size in MiB = bytes / 2**20, then per
 eval dataset perplexity, KL(reference || variant) in nats/token and top-1 agreement, then per
 task accuracy), ``DIR/compare.json`` (``{"runs": [names], "rows": [...]}``) and
-``DIR/compare.png`` (perplexity on the first dataset every row has, against size). Datasets
+``DIR/compare.png`` (perplexity on the first dataset every row has, against size) and, for runs whose
+reports hold a size/quality frontier (:mod:`eval.frontier`), ``DIR/frontier.png`` with the frontiers
+overlaid, one colour per run, a frontier table in ``compare.md`` and ``frontiers`` in ``compare.json``. Datasets
 and tasks are the union over runs; a missing value is blank in the table and absent in JSON.
 Every file is written to a temporary name, then renamed.
 
@@ -20,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from eval import frontier
 from eval.report import ORDER
 from pipeline.common import write_json, write_text
 from pipeline.errors import InputError
@@ -144,6 +147,42 @@ def plot(names: list[str], rs: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def _common_dataset(fronts: dict[str, dict]) -> str | None:
+    sets = [f.get("datasets") or [] for f in fronts.values()]
+    return next((d for d in sets[0] if all(d in s for s in sets)), None) if sets else None
+
+
+def frontier_markdown(fronts: dict[str, dict]) -> str:
+    """The runs' frontiers in one table on the first eval dataset they share (empty without frontiers)."""
+    if not fronts:
+        return ""
+    ds = _common_dataset(fronts)
+    lines = [
+        "## Size/quality frontiers",
+        "",
+        f"Eval text: {ds or '(none common to all runs; each run on its first)'}; size on disk; KL(reference || "
+        "variant) nats/token; 95% intervals; chosen: the run's published gptq/; pareto: on its run's front.",
+        "",
+        "| run | variant | what | size (MiB) | bits/param | KL [95% CI] | top-1 [95% CI] | perplexity ratio [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run, fr in fronts.items():
+        d = ds or (fr.get("datasets") or [None])[0]
+        par = set((fr.get("pareto") or {}).get(d, []))
+        for p in fr.get("points", []):
+            m = (p.get("metrics") or {}).get(d)
+            if m is None or p.get("data") != "eval":
+                continue
+            tags = [t for t, on in (("chosen", p.get("chosen")), ("pareto", p["variant"] in par)) if on]
+            lines.append(
+                f"| {run} | {p['variant']}{' (' + ', '.join(tags) + ')' if tags else ''} | {p['label']} | "
+                f"{frontier._fmt(p.get('size_mib'), None, '{:.1f}')} | {frontier._fmt(p.get('bits_per_param'), None, '{:.2f}')} | "
+                f"{frontier._fmt(m.get('kl'), m.get('kl_ci'))} | {frontier._fmt(m.get('top1'), m.get('top1_ci'), '{:.4f}')} | "
+                f"{frontier._fmt(m.get('perplexity_ratio'), m.get('perplexity_ratio_ci'), '{:.4f}')} |"
+            )
+    return "\n".join(lines + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders holding report.json")
@@ -162,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     docs = dict(zip(names, loaded))
     rs = rows(docs)
     a.out.mkdir(parents=True, exist_ok=True)
-    write_json(a.out / "compare.json", {"runs": names, "rows": rs})
-    write_text(a.out / "compare.md", markdown(names, a.runs, docs, rs))
+    fronts = {n: d["frontier"] for n, d in docs.items() if isinstance(d.get("frontier"), dict)}
+    write_json(a.out / "compare.json", {"runs": names, "rows": rs, "frontiers": fronts})
+    write_text(a.out / "compare.md", markdown(names, a.runs, docs, rs) + frontier_markdown(fronts))
     plot(names, rs, a.out / "compare.png")
+    if fronts:
+        frontier.plot(fronts, a.out / "frontier.png", ds=_common_dataset(fronts))
     print(a.out / "compare.md")
     return 0
 

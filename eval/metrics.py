@@ -107,7 +107,8 @@ def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> d
         (counted), ``nll_per_window`` (numpy float64 [n], summed NLL of each window, nats),
         ``seconds``, ``tokens_per_second`` and, with ``ref``: ``kl_divergence`` (mean,
         nats/token), ``kl_median``, ``kl_p99``, ``kl_max``, ``top1_agreement`` (fraction),
-        ``kl_per_token`` (numpy float64 array), ``ref_nll_per_window``; ``nonfinite``: windows
+        ``kl_per_token`` (numpy float64 array), ``top1_per_window`` (agreeing tokens per window),
+        ``ref_nll_per_window``; ``nonfinite``: windows
         whose log-probs (this model's, or the reference's) hold inf/NaN; ``ref_nonfinite``: those
         where the reference's do.
     """
@@ -117,6 +118,7 @@ def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> d
 
     t0 = time.perf_counter()
     nll_sum, count, kls, agree, per_window, ref_window, nonfinite, ref_nonfinite = 0.0, 0, [], 0, [], [], 0, 0
+    agree_window = []
     refs = logprob_stream(ref, wins) if ref is not None else None
     it = tqdm(
         logprob_stream(model, wins), total=len(wins), desc=progress, unit="win", disable=progress is None, leave=False
@@ -134,7 +136,8 @@ def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> d
             bad = bad or ref_bad
             ref_window.append(-r.gather(1, tgt[:, None]).double().sum().item())
             kls.append(kl_per_token(r, logp).numpy())
-            agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
+            agree_window.append((r.argmax(-1) == logp.argmax(-1)).sum().item())
+            agree += agree_window[-1]
             del r
         nonfinite += bad
         del logp
@@ -160,6 +163,7 @@ def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> d
             kl_p99=ks["p99"],
             kl_max=ks["max"],
             top1_agreement=agree / count,
+            top1_per_window=np.array(agree_window),
             kl_per_token=k,
             ref_nll_per_window=np.array(ref_window),
             ref_nonfinite=ref_nonfinite,

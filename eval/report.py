@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eval import frontier
 from pipeline.common import check_not_orphaned, write_error, write_json, write_text
 from pipeline.layout import versions
 from pipeline.records import read_records
@@ -72,7 +73,34 @@ def build(cfg, results: dict) -> dict:
     }
     if train_rec.is_file():
         doc["adapter_training"] = json.loads(train_rec.read_text())
+    doc["module_bits"] = {
+        name: module_bits(Path(r["path"])) for name, r in variants.items() if name.startswith("gptq") and r.get("path")
+    }
+    doc["frontier"] = frontier.build(doc, _params(cfg))
     return doc
+
+
+def _params(cfg) -> int:
+    """Parameters of the merged model (from its checkpoint's headers), 0 when it is absent."""
+    from pipeline.checkpoint import Checkpoint
+
+    if not cfg.layout.merged.is_dir():
+        return 0
+    return sum(t.numel for t in Checkpoint(cfg.layout.merged, what="merged checkpoint").tensors.values())
+
+
+def module_bits(path: Path) -> dict:
+    """``{"counts": {bits: modules}, "fp16": [module names kept 16-bit], "modules": {name: bits}}`` of a
+    GPTQ checkpoint folder (empty when it is not one)."""
+    from pipeline.allocate import module_bits as bits_of
+
+    if not (path / "config.json").is_file():
+        return {}
+    m = bits_of(path)
+    counts: dict = {}
+    for b in m.values():
+        counts[str(b)] = counts.get(str(b), 0) + 1
+    return {"counts": counts, "fp16": [k for k, b in m.items() if b == 16], "modules": m}
 
 
 def _fmt_size(n: int) -> str:
@@ -140,7 +168,32 @@ def markdown(doc: dict) -> str:
                 row += cell + " |"
             lines.append(row)
         lines.append("")
+    if doc.get("frontier", {}).get("points"):
+        lines += frontier.markdown(doc["frontier"])
+    mb = {k: x for k, x in (doc.get("module_bits") or {}).items() if x}
+    if mb:
+        lines += ["## Bits per module", "", "| checkpoint | modules by bits | kept 16-bit |", "|---|---|---|"]
+        for k, x in mb.items():
+            counts = ", ".join(f"{n} x {b}-bit" for b, n in sorted(x["counts"].items(), key=lambda kv: int(kv[0])))
+            lines.append(f"| {k} | {counts} | {', '.join(x['fp16']) or 'none'} |")
+        lines += ["", "Every decoder linear module's bits: `report.json` → `module_bits.<checkpoint>.modules`.", ""]
     rq = doc["stages"].get("requantize", {})
+    if rq.get("calibration_composition"):
+        c = rq["calibration_composition"]
+        lines += [
+            "## Calibration",
+            "",
+            f"'{c['name']}': {c['tokens']} tokens in {c['windows']} windows of at most {c['seq_len']} tokens "
+            f"(filled {100 * c['fill']:.1f}%), packed with whole records.",
+            "",
+            "| part | format | rendered with | weight | windows | tokens (share) | whole records | records cut |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['name']} | {p['format']} | {p['template'] or ''} | {p['weight']:.3g} | {p['windows']} | "
+            f"{p['tokens']} ({100 * p['token_share']:.1f}%) | {p['records']} | {p['records_cut']} |"
+            for p in c["parts"]
+        ] + [""]
     if rq.get("budget"):
         b = rq["budget"]
         lim = ", ".join(
@@ -274,8 +327,11 @@ def model_card(doc: dict) -> str:
         f"({c['dequantize']['quant_type'].upper()}, double quantization {c['dequantize']['double_quant']}); "
         f"checked against the unmerged model: KL {ver['kl_divergence']:.3g} nats/token (bound {ver['max_kl']:g}).",
         f"- **Quantization**: GPTQ (GPTQModel) {rq.get('bits')}-bit, group size {rq.get('group_size')}, "
-        f"act-order {rq.get('desc_act')}, symmetric {rq.get('sym')}, calibration set '{rq.get('calibration')}' "
-        f"({rq.get('calibration_tokens')} tokens).",
+        f"act-order {rq.get('desc_act')}, group-aware reordering {rq.get('act_group_aware')}, symmetric "
+        f"{rq.get('sym')}, damping {rq.get('damp_percent')}, MSE scale search {rq.get('mse') or 'off'}, GPTAQ "
+        f"{rq.get('gptaq_alpha') or 'off'}; calibration set '{rq.get('calibration')}' "
+        f"({rq.get('calibration_tokens')} tokens{_composition(rq)}).",
+        f"- **Bits per module**: {_bits_line(doc.get('module_bits', {}).get('gptq') or {}, rq)}",
         "",
         "## What it lost",
         "",
@@ -301,6 +357,29 @@ def model_card(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _composition(rq: dict) -> str:
+    c = rq.get("calibration_composition") or {}
+    parts = c.get("parts") or []
+    if len(parts) < 2 and not any(p.get("template") for p in parts):
+        return ""
+    return ": " + ", ".join(
+        f"{100 * p['token_share']:.0f}% {p['name']}" + (f" ({p['template']} template)" if p.get("template") else "")
+        for p in parts
+    )
+
+
+def _bits_line(mb: dict, rq: dict) -> str:
+    if not mb:
+        return f"every decoder linear module {rq.get('bits')}-bit; embeddings, norms and the head 16-bit."
+    counts = ", ".join(f"{n} at {b}-bit" for b, n in sorted(mb["counts"].items(), key=lambda kv: int(kv[0])))
+    kept = f"; kept 16-bit (most loss per byte): {', '.join(f'`{m}`' for m in mb['fp16'])}" if mb["fp16"] else ""
+    return (
+        f"decoder linear modules: {counts}{kept}. Embeddings, norms and the head are 16-bit. It loads in plain "
+        "`transformers` (`quantization_config.modules_in_block_to_quantize` lists the quantized modules); the "
+        "full list is in the report (`module_bits.gptq`)."
+    )
+
+
 def write(cfg, results: dict) -> Path:
     """Write ``report.json``, ``report.md`` and ``report.png`` into the run folder; returns the JSON path.
 
@@ -316,4 +395,6 @@ def write(cfg, results: dict) -> Path:
     if "gptq" in doc["variants"] and layout.gptq.is_dir():
         write_text(layout.gptq / "README.md", model_card(doc))
     plot(doc, results, layout.report_png)
+    if doc["frontier"]["points"]:
+        frontier.plot({doc["run_name"]: doc["frontier"]}, layout.frontier_png)
     return layout.report_json

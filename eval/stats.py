@@ -132,3 +132,44 @@ def kl_summary(kl_per_token: np.ndarray) -> dict:
         "p99": float(np.percentile(k, 99)),
         "max": float(k.max()),
     }
+
+
+def window_mean_ci(
+    sums: np.ndarray, counts: int | np.ndarray, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> dict:
+    """A per-token mean (KL, top-1 agreement) with a bootstrap percentile interval over windows.
+
+    Args:
+        sums: per-window sum of the per-token values, shape ``[n_windows]``; counts: tokens per
+            window (int or ``[n_windows]``), > 0. Windows, not tokens, are resampled, as for
+            :func:`perplexity_ratio_ci` (tokens inside a window are correlated).
+
+    Returns:
+        ``{"mean", "ci_low", "ci_high", "n_windows", "n_boot", "alpha", "method"}``; ``mean =
+        sum(sums) / sum(counts)``; with one window the bounds are ``None``.
+
+    Raises:
+        ValueError: not 1-D, no windows, non-finite values, counts <= 0.
+    """
+    s = np.asarray(sums, dtype=np.float64)
+    if s.ndim != 1 or len(s) == 0:
+        raise ValueError(f"sums must be 1-D and non-empty, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("non-finite values")
+    c = np.broadcast_to(np.asarray(counts, dtype=np.float64), s.shape)
+    if (c <= 0).any():
+        raise ValueError("counts must be > 0")
+    out = {
+        "mean": float(s.sum() / c.sum()),
+        "ci_low": None,
+        "ci_high": None,
+        "n_windows": len(s),
+        "n_boot": n_boot,
+        "alpha": alpha,
+        "method": "bootstrap over windows",
+    }
+    if len(s) > 1:
+        idx = np.random.default_rng(seed).integers(0, len(s), size=(n_boot, len(s)))
+        lo, hi = np.quantile(s[idx].sum(1) / c[idx].sum(1), [alpha / 2, 1 - alpha / 2])
+        out.update(ci_low=float(lo), ci_high=float(hi))
+    return out

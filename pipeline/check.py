@@ -56,25 +56,29 @@ def _tokenizer_source(cfg) -> str:
     return cfg.base.path
 
 
-def _token_counts(cfg, needs: list[tuple[str, object, int, str, int]], skipped: list[str]) -> list[str]:
+def _token_counts(cfg, needs: list[tuple], skipped: list[str]) -> list[str]:
     """Tokenize each needed text once and compare with what its use needs.
 
-    ``needs``: (key, source, tokens needed, what needs them, tokens to take)."""
+    ``needs``: (key, source, tokens needed, what needs them, tokens to take[, "records"]); with
+    ``"records"`` the text is counted as calibration packs it (its records tokenized one by one)."""
     from pipeline.models import load_tokenizer
-    from pipeline.textdata import token_stream
+    from pipeline.textdata import record_tokens, token_stream
 
     tok = load_tokenizer(_tokenizer_source(cfg), cfg)
     problems, counted = [], {}
-    for key, src, need, what, take in needs:
+    for key, src, need, what, take, *how in needs:
         if src.source == "hub":
             skipped.append(f"{key}: hub dataset '{src.hub_name}' is counted when its stage loads it")
             continue
         if src.source == "file" and not Path(src.path).is_file():
             skipped.append(f"{key}: file '{src.path}' is not here")
             continue
-        ident = (src.model_dump_json(exclude={"name", "max_tokens"}), take)
+        ident = (src.model_dump_json(exclude={"name", "max_tokens", "weight"}), take, tuple(how))
         if ident not in counted:
-            counted[ident] = len(token_stream(tok, src, take))
+            if how:
+                counted[ident] = sum(map(len, record_tokens(tok, src, take)))
+            else:
+                counted[ident] = len(token_stream(tok, src, take))
         n = counted[ident]
         if n < need:
             problems.append(
@@ -84,7 +88,31 @@ def _token_counts(cfg, needs: list[tuple[str, object, int, str, int]], skipped: 
     return problems
 
 
-def _text_needs(cfg, stages: list[str]) -> list[tuple]:
+def _calibration_needs(key: str, cal, rq, problems: list[str]) -> list[tuple]:
+    """What a calibration set (one source or a mix) needs of each of its parts."""
+    from pipeline.textdata import calibration_parts, max_tokens_for, window_shares
+
+    try:
+        shares = window_shares(cal, rq.num_samples)
+    except InputError as e:
+        problems.append(f"{key}: {e}")
+        return []
+    parts = calibration_parts(cal)
+    mixed = hasattr(cal, "mix")
+    return [
+        (
+            f"{key}.mix[{i}]" if mixed else key,
+            src,
+            n * rq.seq_len,
+            f"requantize.num_samples x seq_len = {n} x {rq.seq_len}" + (" (its share of the mix)" if mixed else ""),
+            max_tokens_for(src, "calibration", rq.seq_len, n),
+            "records",
+        )
+        for i, ((src, _), n) in enumerate(zip(parts, shares))
+    ]
+
+
+def _text_needs(cfg, stages: list[str], problems: list[str]) -> list[tuple]:
     from pipeline.textdata import max_tokens_for
 
     rq, v, e = cfg.requantize, cfg.verify, cfg.eval
@@ -100,16 +128,16 @@ def _text_needs(cfg, stages: list[str]) -> list[tuple]:
             )
         )
     if "requantize" in stages and rq.enabled:
-        need = rq.num_samples * rq.seq_len
-        needs.append(
-            (
-                "requantize.calibration",
-                rq.calibration,
-                need,
-                f"requantize.num_samples x seq_len = {rq.num_samples} x {rq.seq_len}",
-                max_tokens_for(rq.calibration, "calibration", rq.seq_len, rq.num_samples),
+        seen = set()
+        for key, s in gptq.settings_to_check(rq):  # every setting's calibration set, each counted once
+            ident = (s.calibration.model_dump_json(), s.num_samples, s.seq_len)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            own = key != "requantize" and s.calibration != rq.calibration
+            needs += _calibration_needs(
+                f"{key}.calibration" if own else "requantize.calibration", s.calibration, s, problems
             )
-        )
     if "evaluate" in stages:
         needs += [
             (f"eval.datasets[{i}]", d, e.seq_len, "one window of eval.seq_len", max_tokens_for(d, "eval", e.seq_len))
@@ -250,7 +278,7 @@ def check_run(cfg, stages: list[str] | None = None, allow_absent: bool = False) 
         problems += _context_problems(cfg, base.config, stages)
         if "requantize" in stages and cfg.requantize.enabled:
             problems += _group_problems(cfg, base)
-        problems += _token_counts(cfg, _text_needs(cfg, stages), skipped)
+        problems += _token_counts(cfg, _text_needs(cfg, stages, problems), skipped)
     elif allow_absent:
         skipped.append("text sources were not counted (no tokenizer here)")
     if "evaluate" in stages:

@@ -42,10 +42,16 @@ class TextSource(_Strict):
 
     name: str = "text"
     source: Literal["embedded", "file", "hub"] = "embedded"
-    format: Literal["text", "alpaca"] = Field(
+    format: Literal["text", "alpaca", "chat"] = Field(
         "text",
-        description="alpaca: a JSON list of instruction records, "
-        "rendered with the training prompt; split every 10th record held out",
+        description="alpaca: instruction records (instruction, input, output); chat: chat records "
+        "(messages: role/content, or ShareGPT conversations); a JSON list or JSONL, rendered as in "
+        "training (see template); every 10th record held out",
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto",
+        description="how alpaca/chat records are rendered: the tokenizer's chat template (chat), the "
+        "Alpaca prompt (alpaca), or auto: the chat template when the tokenizer has one, else the Alpaca prompt",
     )
     path: Optional[str] = None
     split: Literal["train", "heldout", "all"] = "heldout"
@@ -68,6 +74,29 @@ class TextSource(_Strict):
                 raise ValueError("source 'file' needs 'path'")
         if self.source == "hub" and not self.hub_name:
             raise ValueError("source 'hub' needs 'hub_name'")
+        if self.format != "text" and self.source != "file":
+            raise ValueError(f"format '{self.format}' reads records from a file: give source 'file' and 'path'")
+        return self
+
+
+class MixPart(TextSource):
+    """One part of a calibration mix: a text source and its share of the windows."""
+
+    weight: float = Field(1.0, gt=0, description="share of the calibration windows (weights are normalized)")
+
+
+class CalibrationMix(_Strict):
+    """A calibration set mixed from several text sources (e.g. the adapter's training records and
+    generic web text): each part fills its share of the windows with its own whole records."""
+
+    name: str = "mix"
+    mix: list[MixPart] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> "CalibrationMix":
+        names = [p.name for p in self.mix]
+        if len(set(names)) < len(names):
+            raise ValueError(f"the parts of a mix need distinct names, got {names}")
         return self
 
 
@@ -194,10 +223,15 @@ class RequantizeSection(_Strict):
     damp_percent: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, fraction of the mean diagonal")
     damp_auto_increment: float = Field(0.01, ge=0, lt=1, description="damping step when Cholesky fails")
     mse: float = Field(0.0, ge=0, description="MSE scale search: exponent of the error norm (2.4 as in GPTQ); 0 = off")
-    gptaq_alpha: Optional[float] = Field(None, gt=0, description="GPTAQ (GPTQ v2) with this alpha; None = plain GPTQ")
+    gptaq_alpha: Optional[float] = Field(
+        None, ge=0, description="GPTAQ (GPTQ v2) with this alpha; None or 0 = plain GPTQ"
+    )
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
-    calibration: TextSource = TextSource(name="calibration", split="train")
+    calibration: TextSource | CalibrationMix = Field(
+        TextSource(name="calibration", split="train"),
+        description="a text source, or a mix {name, mix: [{<text source>, weight}]}",
+    )
     alternatives: list[GPTQSetting] = Field([], description="extra GPTQ checkpoints, evaluated as baselines")
     budget: Optional[BudgetSection] = None
 
@@ -238,7 +272,11 @@ class GPTQSetting(_Strict):
     sym: Optional[bool] = None
     damp_percent: Optional[float] = Field(None, gt=0, lt=1)
     mse: Optional[float] = Field(None, ge=0)
-    gptaq_alpha: Optional[float] = Field(None, gt=0)
+    gptaq_alpha: Optional[float] = Field(None, ge=0, description="0: plain GPTQ (off)")
+    num_samples: Optional[int] = Field(None, gt=0, description="calibration windows of this setting")
+    calibration: Optional[TextSource | CalibrationMix] = Field(
+        None, description="another calibration set for this setting (e.g. C4 only, to compare with a mix)"
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -246,13 +284,35 @@ class GPTQSetting(_Strict):
         return v if v is None else _check_group_size(v)
 
 
+class AllocateSection(_Strict):
+    """Per-module precision within the budget: for a setting over budget, keep the quantized modules
+    that cost the most loss per byte in 16-bit until the predicted loss is within budget, then measure."""
+
+    sensitivity: Literal["kl", "gptq_loss"] = Field(
+        "kl",
+        description="kl: KL on calibration windows with only that module quantized (one probe per module); "
+        "gptq_loss: GPTQ's own per-module loss (free, on each module's own scale)",
+    )
+    windows: int = Field(2, gt=0, description="calibration windows the kl probes run on")
+    probe_tokens: int = Field(256, gt=1, description="tokens of each window the kl probes run on")
+    max_fp16_fraction: float = Field(
+        0.25, gt=0, le=1, description="at most this share of the quantized modules' extra 16-bit bytes"
+    )
+    tries: int = Field(3, gt=0, description="allocations measured per setting (the target is corrected after each)")
+
+
 class BudgetSection(_Strict):
     """Quality budget: try ``settings`` from the smallest checkpoint to the largest and keep the
-    first whose loss against the reference (on the verify text) is within budget."""
+    smallest checkpoint whose loss against the reference (on the verify text) is within budget;
+    with ``allocate``, a setting over budget is also tried with its most sensitive modules in 16-bit."""
 
     settings: list[GPTQSetting] = Field(..., min_length=1)
     max_perplexity_increase: Optional[float] = Field(None, gt=0, description="fraction, e.g. 0.05 for +5%")
     max_kl: Optional[float] = Field(None, gt=0, description="nats/token")
+    allocate: Optional[AllocateSection] = None
+    keep_tries: bool = Field(
+        False, description="keep every tried checkpoint as gptq-<tag>/ (evaluated on the eval texts, on the frontier)"
+    )
 
     @model_validator(mode="after")
     def _some(self) -> "BudgetSection":
@@ -301,7 +361,19 @@ class Config(_Strict):
 
     def text_sources(self) -> list[tuple[str, TextSource]]:
         """Every text source of the config with its key, e.g. ``("eval.datasets[0]", src)``."""
-        out = [("verify.data", self.verify.data), ("requantize.calibration", self.requantize.calibration)]
+        rq = self.requantize
+        cals = [("requantize.calibration", rq.calibration)]
+        cals += [(f"requantize.alternatives[{i}].calibration", a.calibration) for i, a in enumerate(rq.alternatives)]
+        cals += [
+            (f"requantize.budget.settings[{i}].calibration", a.calibration)
+            for i, a in enumerate(rq.budget.settings if rq.budget else [])
+        ]
+        out = [("verify.data", self.verify.data)]
+        for key, cal in cals:
+            if isinstance(cal, CalibrationMix):
+                out += [(f"{key}.mix[{i}]", p) for i, p in enumerate(cal.mix)]
+            elif cal is not None:
+                out.append((key, cal))
         return out + [(f"eval.datasets[{i}]", d) for i, d in enumerate(self.eval.datasets)]
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline.common import log, publish_dir, quiet_libraries, write_json
-from pipeline.textdata import HELDOUT_EVERY, alpaca_prompt, alpaca_records, embedded_topics, in_split
+from pipeline.textdata import HELDOUT_EVERY, alpaca_records, embedded_topics, in_split, render_record, resolved_template
 
 import torch  # noqa: E402
 
@@ -53,12 +53,14 @@ def prepare_base(out: Path) -> Path:
     return out
 
 
-def training_docs(data: str) -> tuple[list[str], list[str]]:
-    """(train, held-out) documents: pydoc topics split by topic, or Alpaca records (every 10th held out)."""
+def training_docs(data: str, tokenizer=None) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents: pydoc topics split by topic, or Alpaca records (every 10th held
+    out) rendered as the pipeline's text sources render them with ``template: auto``
+    (:func:`pipeline.textdata.render_record`: the tokenizer's chat template when it has one)."""
     if data == "pydoc":
         return embedded_topics("train"), embedded_topics("heldout")
-    docs = [alpaca_prompt(r) for r in alpaca_records(data)]
-    every = HELDOUT_EVERY["alpaca"]
+    docs = [render_record(r, "alpaca", "auto", tokenizer) for r in alpaca_records(data)]
+    every = HELDOUT_EVERY["records"]
     return (
         [d for i, d in enumerate(docs) if in_split(i, every, "train")],
         [d for i, d in enumerate(docs) if in_split(i, every, "heldout")],
@@ -112,7 +114,7 @@ def train_adapter(
     disable_bnb_cpu_repacking(model)  # keep bnb from repacking weights on CPU eval forwards
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
-    train_docs, held_docs = training_docs(data)
+    train_docs, held_docs = training_docs(data, tok)
     train, held = _chunks(tok, train_docs, seq_len), _chunks(tok, held_docs, seq_len)[:16]
     model.eval()
     before = _mean_loss(model, held, batch_size)
@@ -136,6 +138,7 @@ def train_adapter(
     after = _mean_loss(model, held, batch_size)
     rec = {
         "data": data,
+        "template": None if data == "pydoc" else resolved_template("auto", tok),
         "steps": steps,
         "seq_len": seq_len,
         "batch_size": batch_size,

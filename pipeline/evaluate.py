@@ -121,6 +121,10 @@ def _score_datasets(cfg, name, model, ref, wins) -> dict:
             )
             r["kl_divergence"][ds.name] = s["kl_divergence"]
             r["top1_agreement"][ds.name] = s["top1_agreement"]
+            per_window = s["kl_per_token"].reshape(len(w), -1)
+            boot = max(e.bootstrap, 1)
+            r.setdefault("kl_ci", {})[ds.name] = stats.window_mean_ci(per_window.sum(1), per_window.shape[1], boot)
+            r.setdefault("top1_ci", {})[ds.name] = stats.window_mean_ci(s["top1_per_window"], per_window.shape[1], boot)
             r["kl_stats"][ds.name] = {k: s[k] for k in ("kl_median", "kl_p99", "kl_max")}
             r.setdefault("_kl_samples", {})[ds.name] = s["kl_per_token"]
         r["perplexity"][ds.name] = s["perplexity"]

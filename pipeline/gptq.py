@@ -20,7 +20,10 @@ from pipeline.errors import InputError, VerificationError
 
 def resolve(rq, setting=None):
     """The ``requantize`` section with a :class:`pipeline.config.GPTQSetting`'s set fields applied."""
-    return rq.model_copy(update={k: v for k, v in (setting.model_dump() if setting else {}).items() if v is not None})
+    if setting is None:
+        return rq.model_copy()
+    fields = type(setting).model_fields
+    return rq.model_copy(update={k: v for k in fields if (v := getattr(setting, k)) is not None})
 
 
 def settings_to_check(rq) -> list[tuple[str, object]]:
@@ -35,8 +38,10 @@ def settings_to_check(rq) -> list[tuple[str, object]]:
     return out
 
 
-def tag(rq) -> str:
-    """Folder tag of a setting, e.g. ``4bit-g64-act``, ``4bit-g64-asym-mse2.4``."""
+def tag(rq, base=None) -> str:
+    """Folder tag of a setting, e.g. ``4bit-g64-act``, ``4bit-g64-asym-mse2.4``; against the
+    ``requantize`` section ``base``, a setting's own damping and calibration set are named too
+    (``-damp0.05``, ``-cal-c4``)."""
     extra = "-asym" if not rq.sym else ""
     if not rq.desc_act and rq.act_group_aware is False:
         extra += "-nogar"
@@ -44,6 +49,12 @@ def tag(rq) -> str:
         extra += f"-mse{rq.mse:g}"
     if rq.gptaq_alpha:
         extra += f"-gptaq{rq.gptaq_alpha:g}"
+    if base is not None and rq.damp_percent != base.damp_percent:
+        extra += f"-damp{rq.damp_percent:g}"
+    if base is not None and rq.num_samples != base.num_samples:
+        extra += f"-n{rq.num_samples}"
+    if base is not None and rq.calibration != base.calibration:
+        extra += f"-cal-{rq.calibration.name}"
     return f"{rq.bits}bit-g{rq.group_size}{'-act' if rq.desc_act else ''}{extra}"
 
 

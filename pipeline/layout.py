@@ -9,7 +9,7 @@ A run folder ``<output.dir>/<output.run_name>/`` holds::
     adapter-combined/                       the combined adapter (stage merge, with ``adapter.combine``)
     merged/  merged-<base>/                 verified checkpoints (stage verify); ``merged-<base>.rejected``
     gptq/  gptq-<tag>/                      GPTQ checkpoints (stage requantize)
-    report.json  report.md  report.png      the quality-loss report (stage evaluate)
+    report.json  report.md  report.png      the quality-loss report (stage evaluate), frontier.png: size/quality
     scratch/                                temporary files; cleared at the start and end of every run
     .lock                                   held by the run using the folder (``pipeline.runlock``)
 
@@ -49,7 +49,12 @@ STAGES: tuple[Stage, ...] = (
         "the gate: merged model against PEFT's unmerged model",
     ),
     Stage("requantize", ("gptq", "gptq-*"), ("verify",), "GPTQ checkpoints with GPTQModel"),
-    Stage("evaluate", ("report.json", "report.md", "report.png"), ("verify",), "every variant against the reference"),
+    Stage(
+        "evaluate",
+        ("report.json", "report.md", "report.png", "frontier.png"),
+        ("verify",),
+        "every variant against the reference",
+    ),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -127,6 +132,10 @@ class RunLayout:
     @property
     def report_png(self) -> Path:
         return self.root / "report.png"
+
+    @property
+    def frontier_png(self) -> Path:
+        return self.root / "frontier.png"
 
     @property
     def scratch(self) -> Path:

@@ -58,7 +58,8 @@ def test_default_calibration_takes_what_it_needs(tiny_base, tiny_adapter, tmp_pa
     from pipeline.textdata import calibration_windows
 
     rows = calibration_windows(load_tokenizer(tiny_base, cfg), cfg.requantize.calibration, 16, 512)
-    assert len(rows) == 16 and all(len(r["input_ids"]) == 512 for r in rows)
+    assert len(rows) == 16 and all(len(r["input_ids"]) <= 512 for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) > 0.9 * 16 * 512  # whole topics packed, windows nearly full
 
 
 @pytest.mark.parametrize(

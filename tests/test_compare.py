@@ -103,3 +103,63 @@ def test_compare_bad_input(tmp_path):
     assert r.returncode == 2 and "variants" in r.stderr
     r = _compare(a, a, "--out", tmp_path / "o5")
     assert r.returncode == 2 and "twice" in r.stderr
+
+
+def _frontier(points):
+    return {
+        "params": 1000,
+        "datasets": ["wiki"],
+        "chosen": "gptq",
+        "points": points,
+        "pareto": {"wiki": [p["variant"] for p in points][:1]},
+    }
+
+
+def _point(variant, size, kl, chosen=False):
+    return {
+        "variant": variant,
+        "label": f"{variant} label",
+        "kind": "gptq",
+        "size_bytes": size,
+        "size_mib": size / 2**20,
+        "bits_per_param": 8 * size / 1000,
+        "bits_per_weight": 4.3125,
+        "fp16_modules": 0,
+        "setting": None,
+        "chosen": chosen,
+        "data": "eval",
+        "metrics": {
+            "wiki": {
+                "kl": kl,
+                "kl_ci": [kl / 2, kl * 2],
+                "top1": 0.9,
+                "top1_ci": [0.85, 0.95],
+                "perplexity_ratio": 1.1,
+                "perplexity_ratio_ci": [1.05, 1.15],
+            }
+        },
+    }
+
+
+def test_compare_overlays_frontiers(tmp_path):
+    a, b = _runs(tmp_path)
+    for run, pts in (
+        (a, [_point("gptq", 2**20, 0.02, True), _point("rtn", 2**21, 0.05)]),
+        (b, [_point("gptq", 3 * 2**20, 0.01, True)]),
+    ):
+        doc = json.loads((run / "report.json").read_text())
+        doc["frontier"] = _frontier(pts)
+        (run / "report.json").write_text(json.dumps(doc))
+    out = tmp_path / "cmp"
+    r = _compare(a, b, "--out", out)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "compare.json").read_text())
+    assert list(doc["frontiers"]) == ["alpha", "beta"] and len(doc["frontiers"]["alpha"]["points"]) == 2
+    md = (out / "compare.md").read_text()
+    assert "## Size/quality frontiers" in md
+    assert (
+        "| alpha | gptq (chosen, pareto) | gptq label | 1.0 | 8388.61 | 0.02 [0.01, 0.04] | 0.9000 [0.8500, 0.9500] |"
+        in md
+    )
+    assert "| alpha | rtn | rtn label | 2.0 |" in md and "| beta | gptq (chosen, pareto) |" in md
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -270,7 +270,10 @@ def test_kill_9_then_resume(victim, tiny_base, tiny_adapter, tmp_path):
     rec = read_record(load_config(cfile).layout, "merge")
     if victim == "parent":
         assert rc == -signal.SIGKILL
-        assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"], (rec, out[-3000:])  # the kernel told the stage
+        assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"], (
+            rec,
+            out[-3000:],
+        )  # the kernel told the stage
         assert ".lock" in names and not [n for n in names if n.endswith(".partial")], (rec, out[-3000:])
     elif victim == "child":
         assert rc == 4, out[-3000:]

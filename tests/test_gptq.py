@@ -57,7 +57,10 @@ def test_group_size_that_does_not_divide_is_refused(merged_run):
         requantize.run(cfg)
 
 
-@pytest.mark.parametrize("alt", [{}, {"bits": 3, "desc_act": False}, {"bits": 8, "sym": False}])
+@pytest.mark.parametrize(
+    "alt",
+    [{}, {"bits": 3, "desc_act": False}, {"bits": 8, "sym": False}, {"sym": False, "mse": 2.4, "gptaq_alpha": 0.25}],
+)
 def test_float_copy_equals_the_torch_kernel(merged_run, alt, tmp_path):
     """On CPU the GPTQ variant is scored through a float copy of its weights (each dequantized once
     from qweight/qzeros/scales/g_idx). It must equal GPTQModel's torch kernel (TorchLinear, which

@@ -83,4 +83,62 @@ def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
     md = (rd / "report.md").read_text()
     assert "| GPTQ (reloaded) |" in md and "passed" in md
     assert (rd / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_frontier(rep, rd)
     assert not list(rd.glob(".*partial")) and not list(rd.glob("reference-logprobs-*"))
+
+
+def _check_frontier(rep, rd):
+    """The size/quality frontier in report.json: one point per way of storing the fine-tune, its
+    numbers those of the variant, sizes in bits per parameter, the chosen checkpoint, the Pareto set."""
+    import math
+
+    from pipeline.checkpoint import Checkpoint
+
+    fr = rep["frontier"]
+    params = sum(t.numel for t in Checkpoint(rd / "merged").tensors.values())
+    assert fr["params"] == params and fr["datasets"] == ["pydoc-heldout"] and fr["chosen"] == "gptq"
+    pts = {p["variant"]: p for p in fr["points"]}
+    assert set(pts) == {"reference", "merged", "gptq", "gptq-8bit-g32-act", "rtn", "bnb_nf4", "peft_4bit_merge"}
+    kinds = {k: p["kind"] for k, p in pts.items()}
+    assert kinds == {
+        "reference": "reference",
+        "merged": "float",
+        "gptq": "gptq",
+        "gptq-8bit-g32-act": "gptq",
+        "rtn": "rtn",
+        "bnb_nf4": "bnb_nf4",
+        "peft_4bit_merge": "peft_4bit_merge",
+    }
+    sizes = [p["size_bytes"] for p in fr["points"]]
+    assert sizes == sorted(sizes)  # smallest first
+    for name, p in pts.items():
+        v = rep["variants"][name]
+        assert set(p) >= {"label", "size_mib", "bits_per_param", "bits_per_weight", "chosen", "data", "metrics"}
+        assert p["size_bytes"] == v["size_bytes"] and p["data"] == "eval"
+        assert math.isclose(p["bits_per_param"], 8 * v["size_bytes"] / params)
+        m = p["metrics"]["pydoc-heldout"]
+        assert m["kl"] == v["kl_divergence"]["pydoc-heldout"] and m["top1"] == v["top1_agreement"]["pydoc-heldout"]
+        if name != "reference":
+            assert m["kl_ci"][0] <= m["kl"] <= m["kl_ci"][1] and m["top1_ci"][0] <= m["top1"] <= m["top1_ci"][1]
+            pr = v["perplexity_ratio"]["pydoc-heldout"]
+            assert m["perplexity_ratio"] == pr["ratio"] and m["perplexity_ratio_ci"] == [pr["ci_low"], pr["ci_high"]]
+    assert pts["gptq"]["chosen"] and not any(p["chosen"] for k, p in pts.items() if k != "gptq")
+    assert pts["gptq"]["bits_per_weight"] == 4 + 20 / 32 and pts["gptq-8bit-g32-act"]["bits_per_weight"] == 8 + 24 / 32
+    assert pts["rtn"]["bits_per_weight"] == 4 + 20 / 32 and pts["gptq"]["fp16_modules"] == 0
+    assert pts["gptq"]["label"] == "GPTQ 4-bit g32 (act-order)"
+    # Pareto: walking up in size, each member is closer (KL) than every smaller point
+    par = fr["pareto"]["pydoc-heldout"]
+    kl = {k: p["metrics"]["pydoc-heldout"]["kl"] for k, p in pts.items()}
+    assert par[-1] == "reference" or kl[par[-1]] == min(kl.values())
+    for k, p in pts.items():
+        smaller = [q for q in pts if pts[q]["size_bytes"] < p["size_bytes"]]
+        assert (k in par) == all(kl[k] < kl[q] for q in smaller), k
+    # every GPTQ checkpoint's bits per module, read from its tensors
+    mb = rep["module_bits"]["gptq"]
+    assert mb["counts"] == {"4": 14} and mb["fp16"] == [] and len(mb["modules"]) == 14
+    md = (rd / "report.md").read_text()
+    assert "## Size/quality frontier" in md and "| **gptq** (chosen)" in md
+    assert "## Calibration" in md and "## Bits per module" in md
+    assert (rd / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (rd / "gptq" / "README.md").read_text()
+    assert "**Bits per module**: decoder linear modules: 14 at 4-bit." in card
