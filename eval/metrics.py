@@ -19,18 +19,80 @@ from typing import Iterator
 import numpy as np
 import torch
 
+ROWS = 64  # predicted positions per block of log-probs: 64 x 262144 x 4 bytes = 67 MB
+
 
 @torch.no_grad()
 def window_logprobs(model, window: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``[seq_len - 1, vocab]`` (float32) of the next token at each position
-    of one window ``[seq_len]`` (int64), predicting tokens 1..seq_len-1.
+    of one window ``[seq_len]`` (int64), predicting tokens 1..seq_len-1 (the blocks of
+    :func:`window_blocks` put together)."""
+    return torch.cat(list(window_blocks(model, window, rows=window.numel())))
 
-    Computed in place on the model's fresh logits (one ``[seq_len, vocab]`` buffer, not three: a
-    262144-token vocabulary makes each 0.5 GB at 512 tokens)."""
+
+def _post_head(config, logits: torch.Tensor) -> torch.Tensor:
+    """What causal LMs in transformers do to the head's output before returning it: Cohere's
+    ``logit_scale``, Granite's ``logits_scaling``, Gemma's ``final_logit_softcapping``. A model
+    that does anything else is caught by the first-row check in :func:`window_blocks`."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if (scale := getattr(c, "logit_scale", None)) is not None and not isinstance(scale, bool):
+        logits = logits * scale
+    if scale := getattr(c, "logits_scaling", None):
+        logits = logits / scale
+    if cap := getattr(c, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _slices(logp: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
+    for i in range(0, logp.shape[0], rows):
+        yield logp[i : i + rows]
+
+
+@torch.no_grad()
+def window_blocks(model, window: torch.Tensor, rows: int = ROWS) -> Iterator[torch.Tensor]:
+    """Log-probabilities of one window ``[seq_len]`` (int64), ``rows`` predicted positions at a
+    time: float32 ``[<= rows, vocab]`` blocks, in order, together ``[seq_len - 1, vocab]``.
+
+    The decoder runs once; the output embedding (the head) is then applied to ``rows`` hidden
+    states at a time, so a window's logits are never whole in memory (a 262144-token
+    vocabulary makes them 0.5 GB per model at 512 tokens, three times that with the
+    log-softmax's temporaries). The model's own forward computes the first row's logits; the
+    blocks are used only if the head and :func:`_post_head` reproduce that row exactly, otherwise
+    (a head not called as a module, other post-processing) the model's full logits are used.
+    """
     from pipeline.layerwise import logprobs_from_logits
 
     dev = next(model.parameters()).device
-    return logprobs_from_logits(model(input_ids=window[None].to(dev)).logits[0, :-1])
+    ids = window[None].to(dev)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen: dict = {}
+
+    def first_row_only(mod, args):  # the forward's head sees every position; keep the first
+        if "h" in seen or not args or args[0].dim() != 3 or args[0].shape[1] != ids.shape[1]:
+            return None
+        seen["h"] = args[0]
+        return (args[0][:, :1],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(first_row_only) if isinstance(head, torch.nn.Module) else None
+    try:
+        logits = model(input_ids=ids).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    h = seen.get("h")
+    if h is not None:  # the head ran on the first row only
+        config = getattr(model, "config", None)
+        mine = _post_head(config, head(h[:, :1])) if config is not None else None
+        if mine is not None and logits.shape == mine.shape and torch.equal(mine.to(logits.dtype), logits):
+            del logits, mine
+            n = ids.shape[1] - 1
+            for i in range(0, n, rows):
+                yield logprobs_from_logits(_post_head(config, head(h[0, i : min(i + rows, n)])))
+            return
+        del h, seen["h"]
+        logits = model(input_ids=ids).logits  # the decomposition does not hold for this model
+    yield from _slices(logprobs_from_logits(logits[0, :-1]), rows)
 
 
 def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor, rows: int = 16) -> torch.Tensor:
@@ -50,14 +112,19 @@ def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor, rows: int = 16) -> 
     return out.clamp_min(0.0)
 
 
-def logprob_stream(model, wins: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Per-window log-probs ``[seq_len - 1, vocab]`` of ``model`` on ``wins``: a whole model window
-    by window, or a model run one decoder layer at a time (anything with ``iter_logprobs``)."""
-    if hasattr(model, "iter_logprobs"):
-        yield from model.iter_logprobs(wins)
+def logprob_stream(model, wins: torch.Tensor, rows: int = ROWS) -> Iterator[Iterator[torch.Tensor]]:
+    """Per window, the log-probs ``[seq_len - 1, vocab]`` of ``model`` on ``wins`` as an iterator
+    of ``rows``-row blocks (:func:`window_blocks`): a whole model window by window, or a model run
+    one decoder layer at a time (anything with ``iter_logprobs``, whose windows are sliced), or a
+    :class:`ReferenceCache`."""
+    if hasattr(model, "iter_blocks"):
+        yield from model.iter_blocks(wins, rows)
+    elif hasattr(model, "iter_logprobs"):
+        for lp in model.iter_logprobs(wins):
+            yield _slices(lp, rows)
     else:
         for w in wins:
-            yield window_logprobs(model, w)
+            yield window_blocks(model, w, rows)
 
 
 class ReferenceCache:
@@ -72,20 +139,31 @@ class ReferenceCache:
 
     def __init__(self, model, budget_bytes: int = 10**9):
         self.model, self.budget = model, budget_bytes
-        self.cache: list[torch.Tensor] | None = None
+        self.cache: list[list[torch.Tensor]] | None = None
         self.fits: bool | None = None
 
-    def iter_logprobs(self, wins: torch.Tensor) -> Iterator[torch.Tensor]:
+    def iter_blocks(self, wins: torch.Tensor, rows: int = ROWS) -> Iterator[Iterator[torch.Tensor]]:
+        """Like :func:`logprob_stream` on the reference (from memory once cached)."""
         if self.cache is not None:
-            yield from self.cache
+            for blocks in self.cache:
+                yield iter(blocks)
             return
-        kept: list[torch.Tensor] = []
-        for lp in logprob_stream(self.model, wins):
-            if self.fits is None:
-                self.fits = len(wins) * lp.numel() * lp.element_size() <= self.budget
+        if self.fits is None and (vocab := _vocab(self.model)) is not None:
+            self.fits = wins.numel() * vocab * 4 <= self.budget
+        if self.fits is False:
+            yield from logprob_stream(self.model, wins, rows)
+            return
+        kept: list[list[torch.Tensor]] = []
+        for blocks in logprob_stream(self.model, wins, rows):
+            if self.fits is None:  # vocabulary unknown: measured on the first window
+                first = list(blocks)
+                self.fits = len(wins) * sum(b.numel() * b.element_size() for b in first) <= self.budget
+                blocks = iter(first)
             if self.fits:
-                kept.append(lp)
-            yield lp
+                kept.append(list(blocks))
+                yield iter(kept[-1])
+            else:
+                yield blocks
         if self.fits:
             self.cache = kept
 
@@ -95,12 +173,24 @@ class ReferenceCache:
         return self.cache is not None
 
 
-def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> dict:
+def _vocab(model) -> int | None:
+    """Vocabulary size of a model (whole, PEFT-wrapped or layer-wise), or None."""
+    for m in (model, getattr(model, "model", None)):
+        c = getattr(m, "config", None)
+        if c is not None:
+            c = c.get_text_config() if hasattr(c, "get_text_config") else c
+            if getattr(c, "vocab_size", None):
+                return int(c.vocab_size)
+    return getattr(model, "vocab", None)
+
+
+def score(model, wins: torch.Tensor, ref=None, progress: str | None = None, rows: int = ROWS) -> dict:
     """Score one model on windows ``[n, seq_len]``: perplexity, and against the reference ``ref``
     (another model, run in lockstep window by window) KL and top-1 agreement.
 
     Lockstep: both distributions of a window are in memory only while that window is scored,
-    so memory does not grow with vocabulary x tokens and nothing is stored on disk.
+    ``rows`` positions at a time (:func:`window_blocks`), so memory does not grow with
+    vocabulary x tokens and nothing is stored on disk.
 
     Returns:
         A :class:`pipeline.records.Score`: ``perplexity``, ``nll_mean`` (nats/token), ``tokens``
@@ -119,28 +209,48 @@ def score(model, wins: torch.Tensor, ref=None, progress: str | None = None) -> d
     t0 = time.perf_counter()
     nll_sum, count, kls, agree, per_window, ref_window, nonfinite, ref_nonfinite = 0.0, 0, [], 0, [], [], 0, 0
     agree_window = []
-    refs = logprob_stream(ref, wins) if ref is not None else None
+    refs = logprob_stream(ref, wins, rows) if ref is not None else None
     it = tqdm(
-        logprob_stream(model, wins), total=len(wins), desc=progress, unit="win", disable=progress is None, leave=False
+        logprob_stream(model, wins, rows),
+        total=len(wins),
+        desc=progress,
+        unit="win",
+        disable=progress is None,
+        leave=False,
     )
-    for i, logp in enumerate(it):
-        bad = bool(torch.isnan(logp).any())  # inf/NaN logits give NaN log-probs
-        tgt = wins[i, 1:]
-        per_window.append(-logp.gather(1, tgt[:, None]).double().sum().item())
-        nll_sum += per_window[-1]
-        count += len(tgt)
-        if refs is not None:
-            r = next(refs)
-            ref_bad = bool(torch.isnan(r).any())
+    for i, blocks in enumerate(it):
+        rblocks = next(refs) if refs is not None else None
+        tgt_all = wins[i, 1:]
+        bad = ref_bad = False
+        nll_w = ref_nll_w = 0.0
+        agree_w, pos = 0, 0
+        for logp in blocks:  # rows of the window in order, both models in lockstep
+            tgt = tgt_all[pos : pos + logp.shape[0]]
+            pos += logp.shape[0]
+            bad = bad or bool(torch.isnan(logp).any())  # inf/NaN logits give NaN log-probs
+            nll_w += -logp.gather(1, tgt[:, None]).double().sum().item()
+            if rblocks is not None:
+                r = next(rblocks)
+                if r.shape[0] != logp.shape[0]:
+                    raise ValueError(f"reference block of {r.shape[0]} rows against {logp.shape[0]} (window {i})")
+                ref_bad = ref_bad or bool(torch.isnan(r).any())
+                ref_nll_w += -r.gather(1, tgt[:, None]).double().sum().item()
+                kls.append(kl_per_token(r, logp).numpy())
+                agree_w += (r.argmax(-1) == logp.argmax(-1)).sum().item()
+                del r
+            del logp
+        if pos != len(tgt_all):
+            raise ValueError(f"window {i}: log-probs for {pos} positions, expected {len(tgt_all)}")
+        per_window.append(nll_w)
+        nll_sum += nll_w
+        count += len(tgt_all)
+        if rblocks is not None:
             ref_nonfinite += ref_bad
             bad = bad or ref_bad
-            ref_window.append(-r.gather(1, tgt[:, None]).double().sum().item())
-            kls.append(kl_per_token(r, logp).numpy())
-            agree_window.append((r.argmax(-1) == logp.argmax(-1)).sum().item())
-            agree += agree_window[-1]
-            del r
+            ref_window.append(ref_nll_w)
+            agree_window.append(agree_w)
+            agree += agree_w
         nonfinite += bad
-        del logp
     mean = nll_sum / count
     seconds = time.perf_counter() - t0
     out = {
