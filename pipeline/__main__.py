@@ -77,7 +77,10 @@ def main(argv=None) -> int:
             become_stage_child()
         from pipeline.config import load_config
 
-        overrides = {"output": {"dir": str(Path(a.output_dir).resolve())}} if getattr(a, "output_dir", None) else None
+        out_dir = getattr(a, "output_dir", None)
+        if out_dir is not None and not out_dir.strip():
+            raise InputError("--output-dir is empty: give a folder, or leave the option out to use output.dir.")
+        overrides = {"output": {"dir": str(Path(out_dir).resolve())}} if out_dir is not None else None
         cfg = load_config(a.config, overrides, check_paths=not getattr(a, "allow_absent", False))
         if a.cmd == "check":
             from pipeline.check import check_run

@@ -88,12 +88,31 @@ def _token_counts(cfg, needs: list[tuple], skipped: list[str]) -> list[str]:
     return problems
 
 
-def _calibration_needs(key: str, cal, rq, problems: list[str]) -> list[tuple]:
-    """What a calibration set (one source or a mix) needs of each of its parts."""
+def _folder_problems(rq) -> list[str]:
+    """Two GPTQ settings that would write the same ``gptq-<tag>/`` folder (identical settings, or
+    settings the folder name does not tell apart), or an alternative that repeats the main setting."""
+    problems, seen = [], {}
+    for key, s in gptq.settings_to_check(rq)[1:]:
+        folder = f"gptq-{gptq.tag(s, rq)}/"
+        if folder in seen:
+            problems.append(
+                f"{seen[folder]} and {key} would both write {folder}: remove one, or make them differ in bits, "
+                "group_size, desc_act, sym, mse, gptaq_alpha, damp_percent, num_samples or calibration (by name)."
+            )
+        else:
+            seen[folder] = key
+        if key.startswith("requantize.alternatives") and not rq.budget and s == rq:
+            problems.append(f"{key} is the main requantize setting itself (already written to gptq/): remove it.")
+    return problems
+
+
+def _calibration_needs(key: str, cal, rq, problems: list[str], setting: str = "requantize") -> list[tuple]:
+    """What a calibration set (one source or a mix) needs of each of its parts; ``setting`` is the
+    config key of the GPTQ setting whose ``num_samples`` and ``seq_len`` ask for it."""
     from pipeline.textdata import calibration_parts, max_tokens_for, window_shares
 
     try:
-        shares = window_shares(cal, rq.num_samples)
+        shares = window_shares(cal, rq.num_samples, f"{setting}.num_samples")
     except InputError as e:
         problems.append(f"{key}: {e}")
         return []
@@ -104,7 +123,7 @@ def _calibration_needs(key: str, cal, rq, problems: list[str]) -> list[tuple]:
             f"{key}.mix[{i}]" if mixed else key,
             src,
             n * rq.seq_len,
-            f"requantize.num_samples x seq_len = {n} x {rq.seq_len}" + (" (its share of the mix)" if mixed else ""),
+            f"{setting}.num_samples x seq_len = {n} x {rq.seq_len}" + (" (its share of the mix)" if mixed else ""),
             max_tokens_for(src, "calibration", rq.seq_len, n),
             "records",
         )
@@ -135,8 +154,9 @@ def _text_needs(cfg, stages: list[str], problems: list[str]) -> list[tuple]:
                 continue
             seen.add(ident)
             own = key != "requantize" and s.calibration != rq.calibration
+            asks = "requantize" if (s.num_samples, s.seq_len) == (rq.num_samples, rq.seq_len) else key
             needs += _calibration_needs(
-                f"{key}.calibration" if own else "requantize.calibration", s.calibration, s, problems
+                f"{key}.calibration" if own else "requantize.calibration", s.calibration, s, problems, asks
             )
     if "evaluate" in stages:
         needs += [
@@ -273,6 +293,8 @@ def check_run(cfg, stages: list[str] | None = None, allow_absent: bool = False) 
     else:
         skipped.append(f"adapter(s) {cfg.adapter.paths} are not here: the adapter was not checked")
     problems += _writable_folder(cfg.run_dir)
+    if "requantize" in stages and cfg.requantize.enabled:
+        problems += _folder_problems(cfg.requantize)
     if base is not None:
         problems += _config_vs_weights(cfg, base)
         problems += _context_problems(cfg, base.config, stages)

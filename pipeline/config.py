@@ -10,10 +10,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import InputError
 
@@ -82,7 +91,9 @@ class TextSource(_Strict):
 class MixPart(TextSource):
     """One part of a calibration mix: a text source and its share of the windows."""
 
-    weight: float = Field(1.0, gt=0, description="share of the calibration windows (weights are normalized)")
+    weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, strict=True, description="share of the calibration windows (normalized)"
+    )
 
 
 class CalibrationMix(_Strict):
@@ -98,6 +109,20 @@ class CalibrationMix(_Strict):
         if len(set(names)) < len(names):
             raise ValueError(f"the parts of a mix need distinct names, got {names}")
         return self
+
+
+def _calibration_kind(v) -> str:
+    """A calibration set with a ``mix`` key is a mix, anything else one text source (so an error
+    names the form the user wrote, not both)."""
+    if isinstance(v, dict):
+        return "mix" if "mix" in v else "source"
+    return "mix" if isinstance(v, CalibrationMix) else "source"
+
+
+Calibration = Annotated[
+    Union[Annotated[TextSource, Tag("source")], Annotated[CalibrationMix, Tag("mix")]],
+    Discriminator(_calibration_kind),
+]
 
 
 class BaseSection(_Strict):
@@ -228,7 +253,7 @@ class RequantizeSection(_Strict):
     )
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(2048, gt=1)
-    calibration: TextSource | CalibrationMix = Field(
+    calibration: Calibration = Field(
         TextSource(name="calibration", split="train"),
         description="a text source, or a mix {name, mix: [{<text source>, weight}]}",
     )
@@ -274,7 +299,7 @@ class GPTQSetting(_Strict):
     mse: Optional[float] = Field(None, ge=0)
     gptaq_alpha: Optional[float] = Field(None, ge=0, description="0: plain GPTQ (off)")
     num_samples: Optional[int] = Field(None, gt=0, description="calibration windows of this setting")
-    calibration: Optional[TextSource | CalibrationMix] = Field(
+    calibration: Optional[Calibration] = Field(
         None, description="another calibration set for this setting (e.g. C4 only, to compare with a mix)"
     )
 
@@ -473,7 +498,12 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None, check
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
+            where = err["loc"]  # without the tag of the calibration form (source or mix) pydantic inserts
+            loc = ".".join(
+                str(x)
+                for i, x in enumerate(where)
+                if not (i and where[i - 1] == "calibration" and x in ("source", "mix"))
+            )
             msg = (
                 "unknown key (check spelling; see README config reference)"
                 if err["type"] == "extra_forbidden"

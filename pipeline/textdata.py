@@ -252,15 +252,18 @@ def text_windows(tokenizer, src, seq_len: int, key: str, role: str = "eval") -> 
 
 
 def calibration_parts(src) -> list[tuple[object, float]]:
-    """(text source, normalized weight) of a calibration source: a mix's parts, or the one source."""
+    """(text source, normalized weight) of a calibration source: a mix's parts, or the one source.
+    Weights are finite and positive (the config refuses others); scaled by the largest first, so
+    that huge weights do not overflow their sum."""
     parts = getattr(src, "mix", None)
     if not parts:
         return [(src, 1.0)]
-    total = sum(p.weight for p in parts)
-    return [(p, p.weight / total) for p in parts]
+    top = max(p.weight for p in parts)
+    total = sum(p.weight / top for p in parts)
+    return [(p, p.weight / top / total) for p in parts]
 
 
-def window_shares(src, num_samples: int) -> list[int]:
+def window_shares(src, num_samples: int, key: str = "requantize.num_samples") -> list[int]:
     """Windows of each part of a calibration source (:func:`_parts`): ``num_samples`` split by weight,
     largest remainder first (ties: config order).
 
@@ -276,7 +279,7 @@ def window_shares(src, num_samples: int) -> list[int]:
     if empty:
         raise InputError(
             f"calibration mix '{src.name}': part(s) {empty} get no window of {num_samples} at their weight; raise "
-            "requantize.num_samples or their weight."
+            f"{key} or their weight."
         )
     return n
 

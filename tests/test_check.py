@@ -155,3 +155,53 @@ def test_every_shipped_config_is_valid(path):
     out = check.check_run(cfg, allow_absent=True)
     if "llama-7b" in path.name:  # a hub base meant for a GPU host: said so, not silently passed
         assert any("meta-llama/Llama-2-7b-hf" in s for s in out["skipped"])
+
+
+def test_gptq_settings_that_would_share_a_folder_are_refused(tiny_base, tiny_adapter, tmp_path):
+    """Two alternatives that are the same setting (or that the folder name cannot tell apart:
+    mse 2.4 and 2.4000001 both give '-mse2.4'), or an alternative that repeats the main setting,
+    would write one gptq-<tag>/ twice: refused at the start, naming both keys."""
+    cfg = tiny_config(
+        tiny_base,
+        tiny_adapter,
+        tmp_path / "runs",
+        requantize={"group_size": 32, "alternatives": [{"mse": 2.4}, {"mse": 2.4000001}, {}]},
+    )
+    with pytest.raises(InputError) as e:
+        check.check_run(cfg)
+    msg = str(e.value)
+    assert "requantize.alternatives[0] and requantize.alternatives[1] would both write gptq-4bit-g32-act-mse2.4/" in msg
+    assert "requantize.alternatives[2] is the main requantize setting itself" in msg
+    assert not cfg.run_dir.exists()
+
+
+def test_an_alternatives_own_num_samples_is_named(tiny_base, tiny_adapter, tmp_path):
+    cfg = tiny_config(
+        tiny_base,
+        tiny_adapter,
+        tmp_path / "runs",
+        requantize={"group_size": 32, "alternatives": [{"bits": 8, "num_samples": 100000}]},
+    )
+    with pytest.raises(InputError, match=r"fewer than requantize\.alternatives\[0\]\.num_samples x seq_len = 100000"):
+        check.check_run(cfg)
+
+
+def test_mix_weights_must_be_finite_numbers_and_huge_ones_still_split(tmp_path):
+    from pipeline.config import CalibrationMix
+    from pipeline.textdata import window_shares
+
+    part = {"source": "embedded", "split": "train"}
+    for bad, why in ((float("inf"), "finite"), ("0.5", "valid number"), (True, "valid number"), (0, "greater than 0")):
+        with pytest.raises(ValueError, match=why):
+            CalibrationMix(name="m", mix=[{"name": "a", **part, "weight": bad}, {"name": "b", **part}])
+    huge = CalibrationMix(
+        name="m", mix=[{"name": "a", **part, "weight": 1e308}, {"name": "b", **part, "weight": 1e308}]
+    )
+    assert window_shares(huge, 16) == [8, 8]
+
+
+def test_empty_output_dir_is_refused(tiny_base, tiny_adapter, tmp_path):
+    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs")
+    r, _ = _cli(cfg, tmp_path, "run", "--output-dir", "")
+    assert r.returncode == 2 and "--output-dir is empty" in r.stderr and "Traceback" not in r.stderr
+    assert not cfg.run_dir.exists()
