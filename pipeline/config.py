@@ -219,6 +219,12 @@ class RuntimeSection(_Strict):
     )
     shard_size_gb: float = Field(5.0, gt=0, description="size cap of each safetensors shard written (GB)")
 
+    @field_validator("offload", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML 1.1 reads an unquoted ``on``/``off`` as a boolean: take it as the word written."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class MergeSection(_Strict):
     """``base``: which weights the LoRA delta is added to. ``dequantized`` reproduces the trained

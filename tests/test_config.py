@@ -80,3 +80,10 @@ def test_cli_exit_code_2_and_message(tmp_path, tiny_base, tiny_adapter):
     assert r.returncode == 2
     assert "verify.max_kl: Input should be greater than 0" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing written for a refused config
+
+
+@pytest.mark.parametrize("written,taken", [("on", "on"), ("off", "off"), ('"on"', "on"), ("auto", "auto")])
+def test_runtime_offload_on_off_unquoted(tmp_path, tiny_base, tiny_adapter, written, taken):
+    """YAML 1.1 reads an unquoted on/off as a boolean; the README writes `offload: on`."""
+    cfg = load_config(_good(tmp_path, tiny_base, tiny_adapter, f"runtime:\n  offload: {written}\n"))
+    assert cfg.runtime.offload == taken
