@@ -8,7 +8,7 @@ DEMO_DIR ?= build/demo
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: qlora-merge install demo test test-fast bench bench-vocab bench-scale compare clean
+.PHONY: qlora-merge install demo test test-fast bench bench-vocab bench-scale nf4-gptq compare clean
 
 qlora-merge: install
 	@if grep -q "$(DEMO_DIR)/" "$(CONFIG)"; then $(MAKE) --no-print-directory demo; fi
@@ -48,6 +48,10 @@ bench-vocab: install demo
 # 30 min to hours on a 2-core CPU. BENCH_FLAGS: --keep --skip-70b --skip-8b --skip-gptq --small --calib N L
 bench-scale: install
 	HF_HUB_OFFLINE=1 nice -n 10 $(PY) -m pipeline.bench_scale --out runs/bench-scale $(BENCH_FLAGS)
+
+# Prototype (issue 13): GPTQ onto bitsandbytes' NF4 grid, after a run of CONFIG (README "Quality per byte")
+nf4-gptq: install
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.nf4gptq --config $(CONFIG) --scales $(or $(SCALES),base)
 
 # Side-by-side table and plot of existing runs: make compare RUNS="runs/a runs/b" [OUT=runs/compare]
 compare: install

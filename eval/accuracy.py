@@ -53,7 +53,8 @@ def run_tasks(
     its own), requests batched ``batch_size`` at a time.
 
     Returns:
-        (``{task: {"acc", "acc_stderr", "n", "seconds"}}``, ``{task: [0/1 per item, in file order]}``).
+        (``{task: {"acc", "acc_stderr", "n", "seconds", "forward_seconds"}}``: seconds in all, and
+        those inside the model's forward calls, ``{task: [0/1 per item, in file order]}``).
     """
     import time
 
@@ -65,8 +66,10 @@ def run_tasks(
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     acc, items = {}, {}
+    clock = _ForwardClock(model)
     for cfg in (task_config(t, task_dir) for t in tasks):
         t0 = time.perf_counter()
+        clock.seconds = 0.0
         out = simple_evaluate(
             model=lm,
             tasks=[cfg],
@@ -86,6 +89,34 @@ def run_tasks(
             "acc_stderr": r["acc_stderr,none"],
             "n": len(samples),
             "seconds": round(time.perf_counter() - t0, 1),
+            "forward_seconds": round(clock.seconds, 3),
         }
         items[t] = [int(s["acc"]) for s in samples]
+    clock.remove()
     return acc, items
+
+
+class _ForwardClock:
+    """Wall seconds spent inside ``model``'s forward calls (hooks on the top module), so a task's
+    time can be split into model forwards and lm-eval's own request handling."""
+
+    def __init__(self, model):
+        import time
+
+        self.seconds, self._t0, self._now = 0.0, None, time.perf_counter
+        self._hooks = [
+            model.register_forward_pre_hook(self._start),
+            model.register_forward_hook(self._stop),
+        ]
+
+    def _start(self, *_):
+        self._t0 = self._now()
+
+    def _stop(self, *_):
+        if self._t0 is not None:
+            self.seconds += self._now() - self._t0
+            self._t0 = None
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -245,23 +245,30 @@ def _timing(doc: dict) -> list[str]:
     forward) and each lm-eval task; what was skipped and why."""
     v = doc["variants"]
     tasks = sorted({t for r in v.values() for t in r.get("accuracy", {})})
-    head = "| variant | forward seconds | tokens/s |" + "".join(f" {t} seconds |" for t in tasks)
+    head = "| variant | forward seconds | tokens/s |" + "".join(f" {t} seconds (in forwards) |" for t in tasks)
     lines = ["## Evaluation time", "", head, "|" + "---|" * (head.count("|") - 1)]
-    forwards = 0.0
+    forwards = task_forwards = 0.0
     for name, r in v.items():
         sp = r.get("speed") or {}
         secs = sum(x["seconds"] for x in sp.values())
         toks = sum(r.get("tokens", {}).values())
         forwards += secs
         row = f"| {name} | {secs:.1f} | {toks / secs if secs else 0:.0f} |"
-        row += "".join(f" {r.get('accuracy', {}).get(t, {}).get('seconds', '')} |" for t in tasks)
+        for t in tasks:
+            a = r.get("accuracy", {}).get(t, {})
+            task_forwards += a.get("forward_seconds", 0.0)
+            row += (
+                f" {a.get('seconds', '')}" + (f" ({a['forward_seconds']:.1f})" if "forward_seconds" in a else "") + " |"
+            )
         lines.append(row)
     ev = doc["stages"].get("evaluate", {})
     if ev.get("seconds"):
+        total = forwards + task_forwards
         lines += [
             "",
-            f"Forward passes {forwards:.1f} s of the stage's {ev['seconds']:.1f} s "
-            f"({'one decoder layer at a time' if ev.get('layerwise') else 'whole models'}).",
+            f"Forward passes {total:.1f} s of the stage's {ev['seconds']:.1f} s ({ev['seconds'] / max(total, 1e-9):.2f}x; "
+            f"perplexity/KL {forwards:.1f} s, lm-eval {task_forwards:.1f} s; "
+            f"{'one decoder layer at a time' if ev.get('layerwise') else 'whole models'}).",
         ]
     for what, why in (ev.get("skipped") or {}).items():
         lines.append(f"- skipped: {what}: {why}")

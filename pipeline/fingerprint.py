@@ -76,8 +76,15 @@ def _input_paths(cfg, stage: str) -> dict[str, str]:
     texts = []
     if i >= 2:
         texts.append(("verify.data", cfg.verify.data))
-    if i >= 3:
-        texts.append(("requantize.calibration", cfg.requantize.calibration))
+    if i >= 3:  # every GPTQ setting's calibration set, each part of a mix
+        from pipeline.gptq import settings_to_check
+        from pipeline.textdata import calibration_parts
+
+        for key, s in settings_to_check(cfg.requantize):
+            parts = calibration_parts(s.calibration)
+            mixed = len(parts) > 1 or getattr(s.calibration, "mix", None)
+            for j, (src, _) in enumerate(parts):
+                texts.append((f"{key}.calibration" + (f".mix[{j}]" if mixed else ""), src))
     if i >= 4:
         texts += [(f"eval.datasets[{j}]", d) for j, d in enumerate(cfg.eval.datasets)]
         if cfg.eval.task_dir:

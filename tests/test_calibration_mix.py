@@ -281,3 +281,32 @@ def test_an_alternative_with_its_own_calibration_is_checked_and_tagged(tiny_base
     tags = [gptq.tag(gptq.resolve(rq, a), rq) for a in rq.alternatives]
     assert tags == ["4bit-g32-act-cal-tiny", "4bit-g32-act-damp0.05"]
     assert gptq.resolve(rq, rq.alternatives[0]).calibration.name == "tiny"
+
+
+def test_requantize_inputs_name_every_calibration_file(tiny_base, tiny_adapter, tmp_path):
+    """The requantize stage's input record (what resume compares) holds each file of a mix and of
+    every alternative's own calibration set, so editing any of them re-runs GPTQ."""
+    from pipeline import fingerprint
+
+    a, b, c = (_write_jsonl(tmp_path / f"{n}.jsonl", RECORDS) for n in "abc")
+    part = {"source": "file", "format": "alpaca", "split": "all"}
+    cfg = tiny_config(
+        tiny_base,
+        tiny_adapter,
+        tmp_path / "runs",
+        requantize={
+            "calibration": {
+                "name": "fit",
+                "mix": [{"name": "pydoc", "source": "embedded", "weight": 1}, {"name": "sft", "path": str(a), **part}],
+            },
+            "alternatives": [{"calibration": {"name": "b", "path": str(b), **part}}],
+        },
+        eval={"datasets": [{"name": "c", "path": str(c), **part}]},
+    )
+    files = fingerprint.inputs(cfg, "requantize")["files"]
+    assert set(files) >= {"requantize.calibration.mix[1].path", "requantize.alternatives[0].calibration.path"}
+    assert "eval.datasets[0].path" not in files  # read by evaluate, not by requantize
+    assert "eval.datasets[0].path" in fingerprint.inputs(cfg, "evaluate")["files"]
+    before = files["requantize.calibration.mix[1].path"]
+    _write_jsonl(a, RECORDS[:1])
+    assert fingerprint.inputs(cfg, "requantize")["files"]["requantize.calibration.mix[1].path"] != before

@@ -1,6 +1,6 @@
 """The module layers and the direction of imports (README "Layout"):
 
-    CLI and orchestration   pipeline/{__main__,run,check,plan,demo,bench*}
+    CLI and orchestration   pipeline/{__main__,run,check,plan,demo,bench*,nf4gptq}
            |
     stages                  pipeline/{dequantize,merge,verify,requantize,evaluate}
            |
@@ -20,7 +20,7 @@ from pathlib import Path
 from helpers import REPO
 
 STAGES = {"dequantize", "merge", "verify", "requantize", "evaluate"}
-TOP = {"__main__", "run", "check", "plan", "demo", "bench", "bench_scale", "bench_vocab"}
+TOP = {"__main__", "run", "check", "plan", "demo", "bench", "bench_scale", "bench_vocab", "nf4gptq"}
 
 
 def _layer(module: str) -> int:

@@ -4,6 +4,7 @@ report.json that holds the contract other runs are compared on."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,8 @@ def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
         for k in ("perplexity", "kl_divergence", "top1_agreement"):
             assert set(var[k]) == {"pydoc-heldout"}, (v, k)
         assert set(var["accuracy"]) == {"pydoc_cloze"} and var["accuracy"]["pydoc_cloze"]["n"] == 8
+        a = var["accuracy"]["pydoc_cloze"]
+        assert 0 < a["forward_seconds"] <= a["seconds"], (v, a)  # lm-eval's time, split: model forwards
         assert var["size_bytes"] > 0 and var["path"]
     v = rep["variants"]
     assert v["reference"]["kl_divergence"]["pydoc-heldout"] == 0.0
@@ -82,6 +85,7 @@ def test_cli_run_writes_report_with_contract(tiny_base, tiny_adapter, tmp_path):
     assert rep["versions"]["peft"] and rep["versions"]["gptqmodel"]
     md = (rd / "report.md").read_text()
     assert "| GPTQ (reloaded) |" in md and "passed" in md
+    assert re.search(r"Forward passes [\d.]+ s of the stage's [\d.]+ s \([\d.]+x; perplexity/KL [\d.]+ s, lm-eval", md)
     assert (rd / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _check_frontier(rep, rd)
     assert not list(rd.glob(".*partial")) and not list(rd.glob("reference-logprobs-*"))
