@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import gptq
-from pipeline.models import bnb_config, load_causal_lm, reference_model, scoring_dtype
+from pipeline.models import bnb_config, disable_bnb_cpu_repacking, load_causal_lm, reference_model, scoring_dtype
 
 
 @torch.no_grad()
@@ -47,22 +47,30 @@ def rtn_(model, bits: int, group_size: int, sym: bool = True, skip=("lm_head",))
     return n
 
 
+def bnb_nf4_model(path, cfg, device: str, dtype: torch.dtype):
+    """The checkpoint at ``path`` loaded in bitsandbytes NF4 (double quantization, uint8 storage,
+    blocks of 64), computing in ``dtype``: bitsandbytes' round-to-nearest of every linear.
+
+    bitsandbytes' AVX512-BF16 CPU kernel is kept off (:func:`disable_bnb_cpu_repacking`), so on
+    CPU the model dequantizes and multiplies in ``dtype``, as the reference does, and not in bf16.
+    """
+    nf4 = cfg.dequantize.model_copy(update={"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8"})
+    compute = str(dtype).removeprefix("torch.")
+    model = load_causal_lm(path, cfg, device=device, dtype=dtype, quantization_config=bnb_config(nf4, compute))
+    disable_bnb_cpu_repacking(model)
+    return model
+
+
 def load(cfg, name: str, device: str):
     """(model, path description, size_bytes) of baseline ``name``."""
     layout, rq = cfg.layout, cfg.requantize
     dtype = scoring_dtype(cfg.out_dtype, device)
     if name == "peft_4bit_merge":
         model = reference_model(cfg, cfg.effective_adapter, device).merge_and_unload()
+        disable_bnb_cpu_repacking(model)  # merge_and_unload re-creates each Linear4bit, kernel flag reset
         return model, "PEFT merge_and_unload() on the 4-bit model", model.get_memory_footprint()
     if name == "bnb_nf4":
-        nf4 = cfg.dequantize.model_copy(update={"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8"})
-        model = load_causal_lm(
-            layout.merged,
-            cfg,
-            device=device,
-            dtype=dtype,
-            quantization_config=bnb_config(nf4, compute_dtype=str(dtype).removeprefix("torch.")),
-        )
+        model = bnb_nf4_model(layout.merged, cfg, device, dtype)
         return model, f"{layout.merged} in bitsandbytes NF4", model.get_memory_footprint()
     if name == "rtn":
         model = load_causal_lm(layout.merged, cfg, device=device, dtype=dtype)

@@ -81,9 +81,8 @@ def _input_paths(cfg, stage: str) -> dict[str, str]:
         from pipeline.textdata import calibration_parts
 
         for key, s in settings_to_check(cfg.requantize):
-            parts = calibration_parts(s.calibration)
-            mixed = len(parts) > 1 or getattr(s.calibration, "mix", None)
-            for j, (src, _) in enumerate(parts):
+            mixed = bool(getattr(s.calibration, "mix", None))
+            for j, (src, _) in enumerate(calibration_parts(s.calibration)):
                 texts.append((f"{key}.calibration" + (f".mix[{j}]" if mixed else ""), src))
     if i >= 4:
         texts += [(f"eval.datasets[{j}]", d) for j, d in enumerate(cfg.eval.datasets)]

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from pipeline.common import dir_size_bytes, log
+from pipeline.common import dir_size_bytes, log, publish_dir, write_json
 
 BLOCK = 64  # bitsandbytes' 4-bit blocksize (Params4bit's default, what transformers uses)
 
@@ -219,11 +219,11 @@ def main(argv=None) -> int:
     """The experiment on a config's run (its ``merged/`` and, for comparison, ``report.json``):
     scores bitsandbytes' RTN NF4 (``--scales merged``) and the NF4-GPTQ checkpoint against the
     reference. Returns 0; exceptions propagate (an experiment, not a stage)."""
+    from eval.baselines import bnb_nf4_model
     from eval.metrics import ReferenceCache, score
     from pipeline import config as config_mod
     from pipeline.models import (
         apply_runtime,
-        bnb_config,
         disable_bnb_cpu_repacking,
         load_4bit_base,
         load_causal_lm,
@@ -246,14 +246,9 @@ def main(argv=None) -> int:
     layout, rq = cfg.layout, cfg.requantize
     apply_runtime(cfg.runtime)
     tok = load_tokenizer(layout.merged, cfg)
-    nf4 = cfg.dequantize.model_copy(update={"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8"})
 
     def load_nf4(path):
-        m = load_causal_lm(
-            path, cfg, device="cpu", dtype=torch.float32, quantization_config=bnb_config(nf4, compute_dtype="float32")
-        )
-        disable_bnb_cpu_repacking(m)
-        return m.eval()
+        return bnb_nf4_model(path, cfg, "cpu", torch.float32)  # dequantize + float32 matmul
 
     wins = {d.name: text_windows(tok, d, cfg.eval.seq_len, f"eval.datasets[{d.name}]") for d in cfg.eval.datasets}
     ref_model = reference_model(cfg, cfg.effective_adapter, "cpu")
@@ -276,15 +271,11 @@ def main(argv=None) -> int:
         if p.dtype.is_floating_point:
             p.data = merged[name].data.to(store)
     del float_model, merged
-    dest, tmp = layout.root / f"nf4-gptq-{a.scales}", layout.root / f".nf4-gptq-{a.scales}.partial"
-    nf4_model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    dest = layout.root / f"nf4-gptq-{a.scales}"
+    with publish_dir(dest) as tmp:
+        nf4_model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     del nf4_model
-    if dest.exists():
-        import shutil
-
-        shutil.rmtree(dest)
-    tmp.rename(dest)
     reloaded = load_nf4(dest)  # the checkpoint as transformers reloads it
     for n, w in wins.items():
         out["variants"].setdefault("nf4_gptq", {})[n] = _point(score(reloaded, w, ref=ref[n]))
@@ -298,7 +289,7 @@ def main(argv=None) -> int:
                 out["variants"][f"run:{name}"] = {
                     n: {k: v[name][k].get(n) for k in ("kl_divergence", "top1_agreement", "perplexity")} for n in wins
                 } | {"size_bytes": v[name]["size_bytes"]}
-    (layout.root / f"nf4-gptq-{a.scales}.json").write_text(json.dumps(out, indent=1))
+    write_json(layout.root / f"nf4-gptq-{a.scales}.json", out)
     for name, r in out["variants"].items():
         for n in wins:
             log(

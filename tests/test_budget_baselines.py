@@ -52,3 +52,22 @@ def test_budget_keeps_the_smallest_setting_within_budget(tiny_base, tiny_adapter
     alt = cfg.run_dir / "gptq-3bit-g32"
     qc = json.loads((alt / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["desc_act"]) == (3, False)
+
+
+def test_bnb_baselines_compute_as_the_reference_does(tiny_base, tiny_adapter, tmp_path):
+    """bitsandbytes' AVX512-BF16 CPU kernel computes in bf16 whatever the compute dtype; the NF4
+    baselines must dequantize and multiply in float32 on CPU, as the reference does, or their KL
+    mixes bf16 arithmetic into the rounding being measured."""
+    import bitsandbytes as bnb
+
+    from eval import baselines
+
+    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path)
+    dequantize.run(cfg)
+    merge.run(cfg)
+    verify.run(cfg)
+    for name in ("bnb_nf4", "peft_4bit_merge"):
+        model, _, _ = baselines.load(cfg, name, "cpu")
+        lins = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert lins, name
+        assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in lins), name
