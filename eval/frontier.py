@@ -232,7 +232,8 @@ def markdown(fr: dict) -> list[str]:
 def plot(frontiers: dict[str, dict], path: Path, ds: str | None = None) -> None:
     """PNG: KL to the reference (log scale) and perplexity ratio against size (MiB), one colour per
     run in ``frontiers`` ({run name: frontier}), one marker per kind, intervals as error bars, the
-    chosen checkpoint starred, each run's Pareto points joined."""
+    chosen checkpoint starred, each run's Pareto points joined. One row of two panels per
+    evaluation dataset (only ``ds`` where given; a run without it shows its first)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +248,22 @@ def plot(frontiers: dict[str, dict], path: Path, ds: str | None = None) -> None:
         "bnb_nf4": "^",
         "peft_4bit_merge": "X",
     }
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    if ds:
+        rows = [ds]
+    else:  # one row per evaluation dataset, in the order the runs list them
+        rows = list(dict.fromkeys(d for fr in frontiers.values() for d in fr["datasets"])) or [None]
+    fig, axs = plt.subplots(len(rows), 2, figsize=(13, 5 * len(rows)), squeeze=False)
+    for (a, b), row in zip(axs, rows):
+        _plot_row(a, b, frontiers, row, marker)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _plot_row(a, b, frontiers: dict[str, dict], ds: str | None, marker: dict) -> None:
+    """One dataset's KL (axis ``a``) and perplexity ratio (axis ``b``) against size, every run."""
     for i, (run, fr) in enumerate(frontiers.items()):
         d = ds if ds in fr["datasets"] else (fr["datasets"] or [None])[0]
         if d is None:
@@ -287,16 +303,11 @@ def plot(frontiers: dict[str, dict], path: Path, ds: str | None = None) -> None:
     a.set_yscale("log")
     a.set_xlabel("size on disk (MiB)")
     a.set_ylabel("KL(reference || variant), nats/token")
-    a.set_title("KL against size (star: chosen; line: Pareto front)")
+    a.set_title(f"{ds}: KL against size (star: chosen; line: Pareto front)")
     b.axhline(1.0, color="grey", lw=0.8)
     b.set_xlabel("size on disk (MiB)")
     b.set_ylabel("perplexity / reference perplexity")
-    b.set_title("perplexity ratio against size")
+    b.set_title(f"{ds}: perplexity ratio against size")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
