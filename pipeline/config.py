@@ -271,6 +271,15 @@ class RequantizeSection(_Strict):
     def _group(cls, v: int) -> int:
         return _check_group_size(v)
 
+    @model_validator(mode="after")
+    def _used(self) -> "RequantizeSection":
+        if not self.enabled and (self.budget is not None or self.alternatives):
+            given = " and ".join(k for k in ("budget", "alternatives") if getattr(self, k))
+            raise ValueError(
+                f"{given} given with enabled: false, so GPTQ never runs them; set enabled: true, or remove them"
+            )
+        return self
+
 
 class EvalSection(_Strict):
     datasets: list[TextSource] = Field([TextSource(name="pydoc-heldout", split="heldout")], min_length=1)

@@ -51,6 +51,8 @@ def test_valid_config_loads_with_qlora_defaults(tmp_path, tiny_base, tiny_adapte
         ("dequantize: {device: cuda}\n", "'dequantize.device' moved to 'runtime.device'"),
         ("eval: {enabled: true}\n", "eval.enabled: unknown key"),
         ("eval: {datasets: [{name: x, source: file, path: /nonexistent.txt}]}\n", "file '/nonexistent.txt' not found"),
+        ("requantize: {enabled: false, budget: {max_kl: 0.1, settings: [{}]}}\n", "budget given with enabled: false"),
+        ("requantize: {enabled: false, alternatives: [{bits: 8}]}\n", "alternatives given with enabled: false"),
     ],
 )
 def test_bad_values_are_named(tmp_path, tiny_base, tiny_adapter, extra, needle):
