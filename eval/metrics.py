@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.common import release_freed_memory
+
 ROWS = 64  # predicted positions per block of log-probs: 64 x 262144 x 4 bytes = 67 MB
 
 
@@ -49,6 +51,13 @@ def _slices(logp: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
         yield logp[i : i + rows]
 
 
+def _first_row(h: torch.Tensor) -> torch.Tensor:
+    """``h[:, :1]`` ``[batch, 1, hidden]`` copied to standard strides. The slice keeps the window's
+    strides, and a bf16 ``F.linear`` on CPU given such a 3-D input copies the whole weight first
+    (torch 2.13: 0.31 GB for a 262144 x 640 head, once per window); the copy holds the same values."""
+    return h[:, :1].clone(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
 def window_blocks(model, window: torch.Tensor, rows: int = ROWS) -> Iterator[torch.Tensor]:
     """Log-probabilities of one window ``[seq_len]`` (int64), ``rows`` predicted positions at a
@@ -72,7 +81,7 @@ def window_blocks(model, window: torch.Tensor, rows: int = ROWS) -> Iterator[tor
         if "h" in seen or not args or args[0].dim() != 3 or args[0].shape[1] != ids.shape[1]:
             return None
         seen["h"] = args[0]
-        return (args[0][:, :1],) + tuple(args[1:])
+        return (_first_row(args[0]),) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(first_row_only) if isinstance(head, torch.nn.Module) else None
     try:
@@ -83,7 +92,7 @@ def window_blocks(model, window: torch.Tensor, rows: int = ROWS) -> Iterator[tor
     h = seen.get("h")
     if h is not None:  # the head ran on the first row only
         config = getattr(model, "config", None)
-        mine = _post_head(config, head(h[:, :1])) if config is not None else None
+        mine = _post_head(config, head(_first_row(h))) if config is not None else None
         if mine is not None and logits.shape == mine.shape and torch.equal(mine.to(logits.dtype), logits):
             del logits, mine
             n = ids.shape[1] - 1
@@ -95,20 +104,23 @@ def window_blocks(model, window: torch.Tensor, rows: int = ROWS) -> Iterator[tor
     yield from _slices(logprobs_from_logits(logits[0, :-1]), rows)
 
 
-def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor, rows: int = 16) -> torch.Tensor:
+def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor, rows: int = 8) -> torch.Tensor:
     """``KL(P_ref || P)`` per row, in nats (float64 accumulation); inputs ``[T, V]`` log-probs.
 
     Vocabularies of different sizes are compared on the common prefix of token ids. Computed
-    ``rows`` rows at a time (each row's sum is the same): the float64 temporaries of a whole
-    window are ~7 x T x V x 8 bytes, 3.7 GB for 511 tokens of a 128256-token vocabulary.
+    ``rows`` rows at a time (each row's sum is the same) in three float64 buffers of
+    ``rows x V`` (the terms in place), 50 MB at a 262144-token vocabulary; a whole window's
+    temporaries would be ~7 x T x V x 8 bytes, 3.7 GB for 511 tokens of a 128256-token vocabulary.
     """
     v = min(ref_logp.shape[-1], logp.shape[-1])
     out = torch.empty(ref_logp.shape[0], dtype=torch.float64)
     for i in range(0, ref_logp.shape[0], rows):
-        r, q = ref_logp[i : i + rows, :v].double(), logp[i : i + rows, :v].double()
+        r = ref_logp[i : i + rows, :v].double()
         p = r.exp()
-        terms = torch.where(p == 0, torch.zeros_like(p), p * (r - q))  # 0 * log 0 = 0; NaN stays NaN
+        terms = r.sub_(logp[i : i + rows, :v].double()).mul_(p)  # p * (r - q), in r's buffer
+        terms.masked_fill_(p == 0, 0.0)  # 0 * log 0 = 0; NaN stays NaN
         out[i : i + rows] = terms.sum(-1)
+        del r, p, terms
     return out.clamp_min(0.0)
 
 
@@ -251,6 +263,7 @@ def score(model, wins: torch.Tensor, ref=None, progress: str | None = None, rows
             agree_window.append(agree_w)
             agree += agree_w
         nonfinite += bad
+        release_freed_memory()  # the window's blocks, freed into the heap, back to the system
     mean = nll_sum / count
     seconds = time.perf_counter() - t0
     out = {

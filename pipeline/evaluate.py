@@ -28,7 +28,7 @@ from eval import accuracy, baselines, report, stats
 from eval.metrics import ReferenceCache, score
 from pipeline import fingerprint
 from pipeline.checkpoint import AdapterFiles, Checkpoint
-from pipeline.common import dir_size_bytes, log
+from pipeline.common import dir_size_bytes, log, release_freed_memory
 from pipeline.errors import InputError
 from pipeline.layout import MERGE_BASES
 from pipeline.models import (
@@ -182,7 +182,7 @@ def run(cfg) -> Path:
             if loaded is None:
                 log(f"evaluate: variant '{name}' has no artefact in {layout.root}; skipped")
                 continue
-            model, path, size = loaded
+            (model, path, size), loaded = loaded, None  # one reference to the model, so `del model` frees it
             log(f"evaluate: {name} ({path})")
             if name == "reference":  # its log-probs are kept in memory when they fit, else recomputed in lockstep
                 ref = {ds.name: ReferenceCache(model) for ds in e.datasets}
@@ -202,6 +202,7 @@ def run(cfg) -> Path:
                 for c in ref.values():
                     c.model = None  # every window is cached: the reference model itself is no longer needed
             del model
+            release_freed_memory()
         rec.update(
             artefact=str(layout.report_json),
             variants=list(results),

@@ -120,3 +120,30 @@ def test_score_in_blocks_equals_score_on_whole_windows(tmp_path):
         torch.testing.assert_close(
             torch.tensor(got["kl_per_token"]), torch.tensor(whole["kl_per_token"]), atol=1e-6, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_equal_torch_log_softmax_bit_for_bit(dtype):
+    """The in-place log-softmax (two buffers instead of four) is ``x - torch.logsumexp(x)``
+    exactly, infinite and NaN logits included, whatever the vocabulary size."""
+    from eval.metrics import kl_per_token
+
+    torch.manual_seed(0)
+    for vocab in (7, 1000, 49152):
+        x = (torch.randn(40, vocab) * 5).to(dtype)  # 40 rows: across the 16-row chunks
+        x[3, :5] = -float("inf")
+        x[4] = -float("inf")
+        x[5, 2] = float("inf")
+        x[6, 1] = float("nan")
+        want = x.float() - torch.logsumexp(x.float(), dim=-1, keepdim=True)
+        got = logprobs_from_logits(x.clone())
+        assert torch.equal(got.nan_to_num(1.0, 2.0, 3.0), want.nan_to_num(1.0, 2.0, 3.0)), vocab
+    # KL of the in-place terms: p * (r - q), 0 where p == 0, +inf where q is -inf and p > 0, NaN kept
+    r = torch.log_softmax(torch.randn(8, 50), -1)
+    q = torch.log_softmax(torch.randn(8, 50), -1)
+    r[1, :3], q[2, 4], r[3, 0] = -float("inf"), -float("inf"), float("nan")
+    p = r.double().exp()
+    want = torch.where(p == 0, torch.zeros_like(p), p * (r.double() - q.double())).sum(-1).clamp_min(0)
+    got = kl_per_token(r, q, rows=3)
+    assert torch.equal(got.nan_to_num(-1.0, 9.0), want.nan_to_num(-1.0, 9.0))
+    assert got[2] == float("inf") and got[3] != got[3]
