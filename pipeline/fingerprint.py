@@ -2,9 +2,12 @@
 
 A stage's **inputs** (``stages/<stage>.json`` key ``inputs``) are the config sections it
 depends on (:data:`SECTIONS`, cumulative along the pipeline) and the files it reads: the
-base's and the adapters' folders and, from verify on, the local text files. A file is
-fingerprinted by ``[size in bytes, modification time in ns]``; weights are never read.
-Hidden files and Markdown files are left out (a README edit changes nothing).
+base's and the adapters' folders and, from verify on, the local text files. A model file is
+fingerprinted by ``[size in bytes, modification time in ns]``; weights are never read. A text
+file (verify, calibration and eval texts, up to 1 GB) by ``["sha256", digest]`` of its content:
+a data set copied, re-downloaded or re-provisioned with the same content does not make GPTQ
+run again (:func:`content_fingerprint`). Hidden files and Markdown files are left out (a README
+edit changes nothing).
 
 A stage's **outputs** (key ``outputs``) are fingerprinted the same way, by name in the run
 folder, so that a later run can tell that they are still the ones the record describes.
@@ -57,6 +60,27 @@ def path_fingerprint(path: str | os.PathLike):
         return None
 
 
+CONTENT_HASH_MAX_BYTES = 1 << 30  # text files up to this size are fingerprinted by content
+
+
+def content_fingerprint(path: str | os.PathLike):
+    """``["sha256", hex digest]`` of a file's bytes (files up to :data:`CONTENT_HASH_MAX_BYTES`;
+    larger ones, and folders, as :func:`path_fingerprint`); None when absent."""
+    import hashlib
+
+    p = Path(path)
+    try:
+        if not p.is_file() or p.stat().st_size > CONTENT_HASH_MAX_BYTES:
+            return path_fingerprint(p)
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return ["sha256", h.hexdigest()]
+    except FileNotFoundError:
+        return None
+
+
 def _config_value(dump: dict, key: str):
     """The value at dotted ``key`` of a config dump (None when absent)."""
     v = dump
@@ -66,7 +90,9 @@ def _config_value(dump: dict, key: str):
 
 
 def _input_paths(cfg, stage: str) -> dict[str, str]:
-    """Config key -> local path of every file or folder ``stage`` reads (hub ids are left to the config)."""
+    """Config key -> local path of every file or folder ``stage`` reads (hub ids are left to the
+    config); the keys of text files end in ``.data.path`` / ``.calibration...path`` /
+    ``eval.datasets[i].path`` (:func:`_is_text_key`)."""
     i = [n for n, _ in _CHAIN].index(stage)
     paths = {"base.path": cfg.base.path}
     if cfg.adapter.path:
@@ -94,12 +120,21 @@ def _input_paths(cfg, stage: str) -> dict[str, str]:
     return {k: v for k, v in paths.items() if Path(v).exists()}
 
 
+def _is_text_key(key: str) -> bool:
+    """Whether the input at config key ``key`` is a text file (verify, calibration, eval data)."""
+    return key.startswith(("verify.data.", "eval.datasets[")) or ".calibration" in key
+
+
 def inputs(cfg, stage: str) -> dict:
-    """What ``stage`` depends on: ``{"config": {key: value}, "files": {config key: fingerprint}}``."""
+    """What ``stage`` depends on: ``{"config": {key: value}, "files": {config key: fingerprint}}``
+    (text files by content, models by size and time)."""
     dump = cfg.model_dump(mode="json")
     return {
         "config": {k: _config_value(dump, k) for k in SECTIONS[stage]},
-        "files": {k: path_fingerprint(p) for k, p in _input_paths(cfg, stage).items()},
+        "files": {
+            k: (content_fingerprint(p) if _is_text_key(k) else path_fingerprint(p))
+            for k, p in _input_paths(cfg, stage).items()
+        },
     }
 
 
@@ -122,7 +157,8 @@ def changes(key: str, recorded, current) -> list[str]:
     if current is None:
         return [f"{key}: no longer there"]
     if not (isinstance(recorded, dict) and isinstance(current, dict)):
-        return [f"{key}: changed (size or modification time)"]
+        what = "content" if isinstance(current, list) and current[:1] == ["sha256"] else "size or modification time"
+        return [f"{key}: changed ({what})"]
     out = [f"{key}: {f} removed" for f in recorded if f not in current]
     out += [f"{key}: {f} added" for f in current if f not in recorded]
     out += [

@@ -308,5 +308,10 @@ def test_requantize_inputs_name_every_calibration_file(tiny_base, tiny_adapter, 
     assert "eval.datasets[0].path" not in files  # read by evaluate, not by requantize
     assert "eval.datasets[0].path" in fingerprint.inputs(cfg, "evaluate")["files"]
     before = files["requantize.calibration.mix[1].path"]
+    import os
+
+    st = os.stat(a)  # the same text re-provisioned (a new modification time): not a change
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert fingerprint.inputs(cfg, "requantize")["files"]["requantize.calibration.mix[1].path"] == before
     _write_jsonl(a, RECORDS[:1])
     assert fingerprint.inputs(cfg, "requantize")["files"]["requantize.calibration.mix[1].path"] != before
