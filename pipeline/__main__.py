@@ -120,4 +120,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while the libraries import, before the signal handlers are set
+        print("stopped by SIGINT before the run started; nothing was written", file=sys.stderr)
+        sys.exit(130)

@@ -178,6 +178,7 @@ def _check_one(adapter_path: str, base_path: str, cfg) -> dict:
             f"adapter '{adapter.folder}' holds no tensors (empty target_modules?): it changes nothing to merge."
         )
     unknown = _check_lora_config(adapter.folder, acfg)
+    _check_rank_and_targets(adapter.folder, acfg, shapes)
     changed = adapter.changed_modules()
     facts = {
         "peft_type": peft_type,
@@ -252,6 +253,61 @@ def _check_lora_config(folder: Path, acfg: dict) -> list[str]:
             "trained. Use the PEFT version the adapter was trained with."
         )
     return unknown
+
+
+def _check_rank_and_targets(folder: Path, acfg: dict, shapes: dict[str, tuple]) -> None:
+    """Refuse a LoRA config that does not describe its own tensors, which PEFT would fail to build or
+    load only after the base is dequantized: a rank that is not a positive integer, a ``lora_A`` whose
+    rank is not the config's (``r``, or the ``rank_pattern`` entry PEFT's own
+    ``get_pattern_key`` picks for the module; not for LoRA on parameters), or ``target_modules``
+    that select none of the adapted modules (PEFT's own ``check_target_module_exists``, PEFT's
+    own refusal; ``all-linear`` and ``target_parameters`` select by type at load time and are not
+    checked here).
+
+    Raises:
+        InputError: naming the key or tensor, what the config says and what the tensors hold.
+    """
+    import dataclasses
+
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    pattern = acfg.get("rank_pattern") or {}
+    for key, v in [("r", acfg.get("r")), *((f"rank_pattern[{k!r}]", v) for k, v in pattern.items())]:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(
+                f"adapter '{folder}': adapter_config.json has {key} = {v!r}; a LoRA rank is a positive "
+                "integer. Re-save the adapter with the LoraConfig it was trained with."
+            )
+    lora = [parse_adapter_key(k) for k in shapes]
+    for t, shape in zip(lora, shapes.values()):
+        if t.kind != "lora_A" or len(shape) != 2 or acfg.get("target_parameters"):
+            continue  # LoRA on parameters (MoE experts) stacks one rank block per expert
+        want = pattern.get(get_pattern_key(list(pattern), t.module), acfg["r"]) if pattern else acfg["r"]
+        if shape[0] != want:
+            raise InputError(
+                f"adapter '{folder}': tensor '{t.key}' has rank {shape[0]} but adapter_config.json gives "
+                f"{want} for module '{t.module}' (r / rank_pattern): config and weights do not belong "
+                "together. Use the adapter_config.json saved with these weights."
+            )
+    targets = acfg.get("target_modules")
+    if not targets or acfg.get("target_parameters") or targets == "all-linear":
+        return
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    try:
+        config = LoraConfig(**{k: v for k, v in acfg.items() if k in known and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as e:
+        raise InputError(f"adapter '{folder}': adapter_config.json is not a valid LoraConfig: {e}") from None
+    adapted = sorted({t.module for t in lora if t.kind in ("lora_A", "lora_B", "magnitude")})
+    # PEFT also adapts modules it was not asked for by name (the tied head of a targeted embedding),
+    # and refuses to load only when the targets select nothing: refused here in that case.
+    if adapted and not any(check_target_module_exists(config, m) for m in adapted):
+        raise InputError(
+            f"adapter '{folder}': its weights adapt {adapted[:3]}{' ...' if len(adapted) > 3 else ''}, but "
+            f"adapter_config.json's target_modules {targets!r} select none of them, so PEFT cannot load "
+            "the adapter. Use the adapter_config.json saved with these weights."
+        )
 
 
 def _check_lora_bias(adapter: AdapterFiles, base_shapes: dict) -> None:

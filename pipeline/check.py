@@ -68,6 +68,12 @@ def _token_counts(cfg, needs: list[tuple], skipped: list[str]) -> list[str]:
     problems, counted = [], {}
     for key, src, need, what, take, *how in needs:
         if src.source == "hub":
+            if _hub_offline():
+                problems.append(
+                    f"{key}: hub dataset '{src.hub_name}' cannot be fetched: HF_HUB_OFFLINE=1 forbids the hub. "
+                    "Point it at a local file (source: file, path: ...), or run online."
+                )
+                continue
             skipped.append(f"{key}: hub dataset '{src.hub_name}' is counted when its stage loads it")
             continue
         if src.source == "file" and not Path(src.path).is_file():
@@ -88,9 +94,21 @@ def _token_counts(cfg, needs: list[tuple], skipped: list[str]) -> list[str]:
     return problems
 
 
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (``HF_HUB_OFFLINE`` or
+    ``HF_DATASETS_OFFLINE`` set to a true value)."""
+    import os
+
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
 def _folder_problems(rq) -> list[str]:
     """Two GPTQ settings that would write the same ``gptq-<tag>/`` folder (identical settings, or
-    settings the folder name does not tell apart), or an alternative that repeats the main setting."""
+    settings the folder name does not tell apart), an alternative that repeats the main setting, or
+    a setting asking for both act-order and group-aware reordering."""
     problems, seen = [], {}
     for key, s in gptq.settings_to_check(rq)[1:]:
         folder = f"gptq-{gptq.tag(s, rq)}/"
@@ -103,6 +121,12 @@ def _folder_problems(rq) -> list[str]:
             seen[folder] = key
         if key.startswith("requantize.alternatives") and not rq.budget and s == rq:
             problems.append(f"{key} is the main requantize setting itself (already written to gptq/): remove it.")
+    for key, s in gptq.settings_to_check(rq):
+        if s.desc_act and s.act_group_aware:
+            problems.append(
+                f"{key}: act_group_aware: true with desc_act: true; GPTQModel orders columns by one or the "
+                "other. Set desc_act: false to use act_group_aware, or drop act_group_aware."
+            )
     return problems
 
 
@@ -184,6 +208,28 @@ def _context_problems(cfg, config: dict, stages: list[str]) -> list[str]:
     ]
 
 
+def _base_problem(cfg, base: Checkpoint) -> str | None:
+    """Why the base cannot be loaded at all (``transformers`` does not know its config, or it has
+    no weight files), or None."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(base.folder, trust_remote_code=cfg.base.trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (
+            f"base '{cfg.base.path}': transformers cannot read its config.json ({first}). base.path must be "
+            "a checkpoint of an architecture the installed transformers knows (config.json with its "
+            "model_type), or set base.trust_remote_code for one with custom code."
+        )
+    if not base.files:
+        return (
+            f"base '{cfg.base.path}' has config.json but no weight files (*.safetensors). Download the "
+            "checkpoint's weights into that folder."
+        )
+    return None
+
+
 def _group_problems(cfg, base: Checkpoint | None) -> list[str]:
     if base is None:
         return []
@@ -244,11 +290,16 @@ def _writable_folder(run_dir: Path) -> list[str]:
     p = run_dir
     while not p.exists():
         p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        return [
-            f"output folder '{run_dir}' cannot be written ('{p}' is not a writable folder); set output.dir to a "
-            "writable folder."
-        ]
+    why = None if p.is_dir() else "not a folder"
+    if why is None:
+        try:  # a real probe: access() says yes to root on read-only or pseudo file systems (/proc)
+            import tempfile
+
+            os.rmdir(tempfile.mkdtemp(prefix=".qlora-merge-probe-", dir=p))
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+    if why:
+        return [f"output folder '{run_dir}' cannot be written ('{p}': {why}); set output.dir to a writable folder."]
     return []
 
 
@@ -296,6 +347,8 @@ def check_run(cfg, stages: list[str] | None = None, allow_absent: bool = False) 
     if "requantize" in stages and cfg.requantize.enabled:
         problems += _folder_problems(cfg.requantize)
     if base is not None:
+        if (bad := _base_problem(cfg, base)) is not None:
+            raise InputError(bad)  # nothing below can be checked without a loadable config and weights
         problems += _config_vs_weights(cfg, base)
         problems += _context_problems(cfg, base.config, stages)
         if "requantize" in stages and cfg.requantize.enabled:

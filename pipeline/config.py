@@ -125,6 +125,26 @@ Calibration = Annotated[
 ]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a mapping that repeats a key (PyYAML keeps the last one
+    silently: a second ``requantize:`` section would drop the first)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' appears twice in the same mapping; keep one", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 class BaseSection(_Strict):
     path: str = Field(..., description="local folder of a HF checkpoint, or a hub id")
     trust_remote_code: bool = False
@@ -132,7 +152,7 @@ class BaseSection(_Strict):
 
 class WeightedAdapter(_Strict):
     path: str
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False, description="the adapter's weight in the combination")
 
 
 class CombineSection(_Strict):
@@ -154,6 +174,12 @@ class CombineSection(_Strict):
     ] = "linear"
     density: Optional[float] = Field(None, gt=0, le=1, description="kept fraction for TIES / DARE / magnitude pruning")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "CombineSection":
+        if all(a.weight == 0 for a in self.adapters):
+            raise ValueError("every adapter has weight 0, so the combination is no adapter at all; give a weight")
+        return self
 
 
 class AdapterSection(_Strict):
@@ -237,7 +263,12 @@ class MergeSection(_Strict):
 
 
 class VerifySection(_Strict):
-    max_kl: Optional[float] = Field(None, gt=0, description="nats/token; default depends on dtype")
+    max_kl: Optional[float] = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="nats/token; default depends on dtype (finite: the gate fails closed)",
+    )
     data: TextSource = TextSource(name="verify", split="heldout")
     seq_len: int = Field(512, gt=1)
 
@@ -301,6 +332,18 @@ class EvalSection(_Strict):
     )
     batch_size: int = Field(16, gt=0, description="lm-eval requests per forward pass")
 
+    @field_validator("task_variants")
+    @classmethod
+    def _task_variants(cls, v: list[str]) -> list[str]:
+        known = {"all", "reference", "merged", "gptq", "base", "peft_4bit_merge", "rtn", "bnb_nf4"}
+        bad = [n for n in v if n not in known and not n.startswith(("merged-", "gptq-"))]
+        if bad:
+            raise ValueError(
+                f"unknown variant(s) {bad}: use 'all' or names among {sorted(known - {'all'})}, "
+                "'merged-<base>' or a GPTQ alternative's 'gptq-<tag>'"
+            )
+        return v
+
 
 class GPTQSetting(_Strict):
     """One GPTQ setting; unset fields take the ``requantize`` section's values."""
@@ -347,8 +390,10 @@ class BudgetSection(_Strict):
     with ``allocate``, a setting over budget is also tried with its most sensitive modules in 16-bit."""
 
     settings: list[GPTQSetting] = Field(..., min_length=1)
-    max_perplexity_increase: Optional[float] = Field(None, gt=0, description="fraction, e.g. 0.05 for +5%")
-    max_kl: Optional[float] = Field(None, gt=0, description="nats/token")
+    max_perplexity_increase: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False, description="fraction, e.g. 0.05 for +5%"
+    )
+    max_kl: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="nats/token")
     allocate: Optional[AllocateSection] = None
     keep_tries: bool = Field(
         False, description="keep every tried checkpoint as gptq-<tag>/ (evaluated on the eval texts, on the frontier)"
@@ -501,7 +546,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None, check
         raise InputError(f"config file '{p}' not found. Pass CONFIG=configs/<name>.yaml.")
     try:
         with open(p, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"config '{p}' is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

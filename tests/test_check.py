@@ -205,3 +205,41 @@ def test_empty_output_dir_is_refused(tiny_base, tiny_adapter, tmp_path):
     r, _ = _cli(cfg, tmp_path, "run", "--output-dir", "")
     assert r.returncode == 2 and "--output-dir is empty" in r.stderr and "Traceback" not in r.stderr
     assert not cfg.run_dir.exists()
+
+
+def test_base_transformers_cannot_load_is_named(tiny_base, tiny_adapter, tmp_path):
+    """A base whose config.json names no architecture transformers knows, or that has no weights:
+    exit-2 errors at the start, not a traceback from the first stage."""
+    import json
+    import shutil
+
+    for name, edit, needle in (
+        ("arch", lambda d: {**d, "model_type": "nonexistent_arch"}, "transformers cannot read its config.json"),
+        (
+            "nomt",
+            lambda d: {k: v for k, v in d.items() if k != "model_type"},
+            "transformers cannot read its config.json",
+        ),
+        ("noweights", None, "has config.json but no weight files"),
+    ):
+        b = shutil.copytree(tiny_base, tmp_path / name)
+        if edit:
+            (b / "config.json").write_text(json.dumps(edit(json.loads((b / "config.json").read_text()))))
+        else:
+            (b / "model.safetensors").unlink()
+        cfg = tiny_config(b, tiny_adapter, tmp_path / "runs")
+        with pytest.raises(InputError, match=needle):
+            check.check_run(cfg, stages=["requantize", "evaluate"])  # the adapter check is not what refuses
+
+
+def test_setting_problems_and_offline_hub_texts(tiny_base, tiny_adapter, tmp_path, monkeypatch):
+    cfg = tiny_config(
+        tiny_base, tiny_adapter, tmp_path / "runs", requantize={"desc_act": True, "act_group_aware": True}
+    )
+    with pytest.raises(InputError, match="requantize: act_group_aware: true with desc_act: true"):
+        check.check_run(cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = {"name": "wt", "source": "hub", "hub_name": "wikitext", "hub_config": "wikitext-2-raw-v1"}
+    cfg = tiny_config(tiny_base, tiny_adapter, tmp_path / "runs", verify={"data": hub})
+    with pytest.raises(InputError, match="hub dataset 'wikitext' cannot be fetched: HF_HUB_OFFLINE=1"):
+        check.check_run(cfg)

@@ -53,6 +53,13 @@ def test_valid_config_loads_with_qlora_defaults(tmp_path, tiny_base, tiny_adapte
         ("eval: {datasets: [{name: x, source: file, path: /nonexistent.txt}]}\n", "file '/nonexistent.txt' not found"),
         ("requantize: {enabled: false, budget: {max_kl: 0.1, settings: [{}]}}\n", "budget given with enabled: false"),
         ("requantize: {enabled: false, alternatives: [{bits: 8}]}\n", "alternatives given with enabled: false"),
+        ("verify: {max_kl: .inf}\n", "verify.max_kl: Input should be a finite number"),
+        (
+            "requantize: {budget: {max_kl: .nan, settings: [{}]}}\n",
+            "requantize.budget.max_kl: Input should be a finite",
+        ),
+        ("eval: {task_variants: [reference, mergd]}\n", "eval.task_variants: unknown variant"),
+        ("requantize: {bits: 4}\nrequantize: {bits: 8}\n", "key 'requantize' appears twice"),
     ],
 )
 def test_bad_values_are_named(tmp_path, tiny_base, tiny_adapter, extra, needle):

@@ -204,6 +204,14 @@ def _truncated(d):
     f.write_bytes(f.read_bytes()[:-1000])
 
 
+def _edit_config(**changes):
+    def edit(d):
+        f = d / "adapter_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+    return edit
+
+
 @pytest.mark.parametrize(
     "breakage,needle",
     [
@@ -212,6 +220,11 @@ def _truncated(d):
         (_no_weights, r"has no adapter_model\.safetensors \(nor adapter_model\.bin\)"),
         (_garbage, r"adapter_model\.safetensors' is not a readable safetensors file.*Re-download or re-save it"),
         (_truncated, r"adapter_model\.safetensors' is not a readable safetensors file"),
+        # a config that does not describe its own tensors: PEFT failed only after dequantize, with a traceback
+        (_edit_config(r=0), r"adapter_config\.json has r = 0; a LoRA rank is a positive integer"),
+        (_edit_config(r=3), r"has rank \d+ but adapter_config\.json gives 3 for module 'model\.layers\.0\."),
+        (_edit_config(rank_pattern={"q_proj": 2}), r"gives 2 for module 'model\.layers\.\d\.self_attn\.q_proj'"),
+        (_edit_config(target_modules=["nonexistent_proj"]), r"target_modules \['nonexistent_proj'\] select none of them"),
     ],
 )
 def test_broken_adapter_files(tmp_path, tiny_base, tiny_adapter, breakage, needle):
